@@ -1,0 +1,105 @@
+"""Command line for the clinic: analyse CT studies and forward them for teleradiology.
+
+Exit codes:
+  0  success (analyze: at least one study analysed; forward: delivered)
+  2  nothing could be done (no analysable study, bad input, bad model); reason on stderr
+  3  forward: the case is queued in the outbox for later delivery; reason on stderr
+  130 interrupted
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from app.domain import AppError
+
+EXIT_OK, EXIT_FAILED, EXIT_QUEUED, EXIT_INTERRUPTED = 0, 2, 3, 130
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from app.engine import analyze_cli
+
+    return analyze_cli(args)
+
+
+def _forward(args: argparse.Namespace) -> int:
+    from app.forward import forward_cli
+
+    return forward_cli(args)
+
+
+def _outbox(args: argparse.Namespace) -> int:
+    from app.forward import outbox_cli
+
+    return outbox_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m app.cli",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common_model = argparse.ArgumentParser(add_help=False)
+    common_model.add_argument("--model", default=None, metavar="NAME_OR_PATH",
+                              help="registry name, model folder or .tflite file (default: the registry's default)")
+    common_model.add_argument("--variant", default=None,
+                              help="model variant from the card, e.g. float32 or pqat_int8 (default: the card's choice)")
+    common_model.add_argument("--threads", type=int, default=None, metavar="N",
+                              help="CPU threads for inference (default: number of cores, at most 4)")
+
+    p = sub.add_parser("analyze", parents=[common_model],
+                       help="analyse CT studies and write a JSON result",
+                       description="Read DICOM folders, zip files or single files, pick the analysable axial CT "
+                                   "series of each study, run the lytic-lesion model and write a JSON result. "
+                                   "Files that cannot be used are listed under 'errors' with the reason.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM folder, zip archive or file")
+    p.add_argument("--json", required=True, metavar="OUT", help="where to write the result JSON ('-' for stdout)")
+    p.add_argument("--heatmaps", metavar="DIR", default=None,
+                   help="also write PNG key images with the heatmap overlay into DIR")
+    p.set_defaults(handler=_analyze)
+
+    p = sub.add_parser("forward", parents=[common_model],
+                       help="analyse a study, build DICOM results, queue and deliver them to the teleradiology server",
+                       description="Analyse INPUT, build the AI result SR and key images, de-identify (default), "
+                                   "queue everything in the outbox and try to deliver it by DICOMweb STOW-RS. "
+                                   "Exit 0 when the server confirmed the whole case, 3 when it stays queued.")
+    p.add_argument("input", metavar="INPUT", help="DICOM folder, zip archive or file")
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="DICOMweb base URL (default: $TELERAD_URL or the app settings)")
+    p.add_argument("--user", default=None, help="server user (default: $TELERAD_USER); password from $TELERAD_PASSWORD")
+    p.add_argument("--no-deidentify", action="store_true",
+                   help="send original patient identity (only for a destination allowed to receive it)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the analysis result JSON")
+    p.set_defaults(handler=_forward)
+
+    p = sub.add_parser("outbox", help="show or deliver the store-and-forward outbox",
+                       description="The outbox keeps every forwarded case until the server confirms it.")
+    p.add_argument("action", choices=["status", "flush"], help="status: list cases; flush: try to deliver now")
+    p.add_argument("--server", default=None, metavar="URL", help="override the server URL for flush")
+    p.add_argument("--user", default=None, help="server user (default: $TELERAD_USER)")
+    p.set_defaults(handler=_outbox)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except AppError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

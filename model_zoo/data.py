@@ -1,0 +1,122 @@
+"""tf.data pipelines over prepared phantom studies (training side of the input contract).
+
+Every example is built by the numpy contract (``stack_25d`` -> ``apply_windows``);
+augmentation acts on the 2.5D HU stack before windowing, so HU/contrast jitter
+behave like a different scanner calibration rather than a different window.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from scipy import ndimage  # noqa: E402
+
+from model_zoo.contract import AIR_HU, InputContract, apply_windows, model_input, stack_25d  # noqa: E402
+from model_zoo.dataset import PreparedStudy  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    flip_lr: bool = True
+    max_rotation_deg: float = 8.0
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    hu_offset_sd: float = 10.0
+    contrast_range: tuple[float, float] = (0.93, 1.07)
+    noise_sd_max: float = 15.0
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> Augmentation | None:
+        if d is None:
+            return None
+        d = dict(d)
+        for key in ("scale_range", "contrast_range"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+def augment_hu(stack_hu: np.ndarray, aug: Augmentation, rng: np.random.Generator) -> np.ndarray:
+    """Random geometric + intensity augmentation of one 2.5D HU stack (H, W, n_offsets)."""
+    h, w, _ = stack_hu.shape
+    out = stack_hu
+    angle = np.deg2rad(rng.uniform(-aug.max_rotation_deg, aug.max_rotation_deg))
+    scale = rng.uniform(*aug.scale_range)
+    if abs(angle) > 1e-3 or abs(scale - 1.0) > 1e-3:
+        c, s = np.cos(angle) / scale, np.sin(angle) / scale
+        matrix = np.array([[c, -s], [s, c]])
+        centre = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
+        offset = centre - matrix @ centre
+        out = np.stack([ndimage.affine_transform(out[..., i], matrix, offset=offset, order=1, cval=AIR_HU)
+                        for i in range(out.shape[-1])], axis=-1)
+    if aug.flip_lr and rng.random() < 0.5:
+        out = out[:, ::-1, :]
+    contrast = rng.uniform(*aug.contrast_range)
+    out = out * contrast + rng.normal(0.0, aug.hu_offset_sd)
+    if aug.noise_sd_max > 0:
+        out = out + rng.normal(0.0, rng.uniform(0.0, aug.noise_sd_max), size=out.shape)
+    return out.astype(np.float32)
+
+
+def make_example(study: PreparedStudy, slice_index: int, contract: InputContract,
+                 aug: Augmentation | None = None, rng: np.random.Generator | None = None) -> np.ndarray:
+    """One model input (H, W, C) for one slice of a prepared study, optionally augmented."""
+    if aug is None:
+        return model_input(study.resampled_hu, study.z_mm, study.z_mm[slice_index:slice_index + 1], contract)[0]
+    stack = stack_25d(study.resampled_hu, study.z_mm, study.z_mm[slice_index:slice_index + 1], contract)[0]
+    return apply_windows(augment_hu(stack, aug, rng)[None], contract)[0]
+
+
+def study_inputs(study: PreparedStudy, contract: InputContract) -> np.ndarray:
+    """Inputs for every slice of a study (K, H, W, C), as the app computes them."""
+    return model_input(study.resampled_hu, study.z_mm, study.z_mm, contract)
+
+
+def labelled_slices(studies: Sequence[PreparedStudy]) -> tuple[np.ndarray, np.ndarray]:
+    """(study, slice) index pairs of unambiguous slices, split into positives and negatives."""
+    pairs = [(s, k, int(lab)) for s, st in enumerate(studies) for k, lab in enumerate(st.slice_labels) if lab >= 0]
+    arr = np.array(pairs, dtype=np.int64).reshape(-1, 3)
+    return arr[arr[:, 2] == 1, :2], arr[arr[:, 2] == 0, :2]
+
+
+def make_train_dataset(studies: Sequence[PreparedStudy], contract: InputContract, batch_size: int,
+                       aug: Augmentation | None, seed: int, positive_fraction: float = 0.35) -> tf.data.Dataset:
+    """An endless, seeded stream of (image, {"probability": label}) batches.
+
+    Positive slices are rare, so each example is positive with ``positive_fraction``
+    (class-balanced sampling); per-example augmentation seeds make the stream
+    reproducible whatever the thread order.
+    """
+    positives, negatives = labelled_slices(studies)
+    if len(positives) == 0 or len(negatives) == 0:
+        raise ValueError("training needs both positive and negative slices")
+
+    def index_stream():
+        rng = np.random.default_rng(seed)
+        n = 0
+        while True:
+            pool = positives if rng.random() < positive_fraction else negatives
+            s, k = pool[rng.integers(len(pool))]
+            yield np.int64(s), np.int64(k), np.int64(seed * 1_000_003 + n)
+            n += 1
+
+    def build(s, k, example_seed):
+        study = studies[int(s)]
+        x = make_example(study, int(k), contract, aug, np.random.default_rng(int(example_seed)))
+        return x, np.float32(study.slice_labels[int(k)] == 1)
+
+    def tf_build(s, k, example_seed):
+        x, y = tf.numpy_function(build, [s, k, example_seed], [tf.float32, tf.float32])
+        x.set_shape(contract.input_shape)
+        y.set_shape(())
+        return x, {"probability": tf.reshape(y, (1,))}
+
+    spec = (tf.TensorSpec((), tf.int64),) * 3
+    ds = tf.data.Dataset.from_generator(index_stream, output_signature=spec)
+    ds = ds.map(tf_build, num_parallel_calls=2, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(2)

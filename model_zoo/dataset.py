@@ -1,0 +1,147 @@
+"""Phantom studies prepared through the input contract, with a disk cache (numpy only).
+
+A data split is a list of studies drawn from the phantom generator by (seed, index);
+different splits use different seeds, so no study is in two splits. Each prepared
+study keeps its slices resampled onto the contract grid (float32 HU), its slice
+positions and labels, and the study truth; the 2.5D stacking and windowing happen
+later through the same contract functions the app uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model_zoo.contract import InputContract, resample_inplane
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = Path(os.environ.get("MYELOMA_CACHE", REPO_ROOT / "cache"))
+# Bump when the phantom generator or the preparation changes, so stale caches are not reused.
+PREPARATION_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """A reproducible set of phantom studies."""
+
+    name: str
+    seed: int
+    studies: int
+    slices: int = 48
+    external: bool = False
+
+    @classmethod
+    def from_dict(cls, name: str, d: dict) -> SplitSpec:
+        return cls(name=name, **d)
+
+
+@dataclass
+class PreparedStudy:
+    """One study on the contract grid: what training and evaluation consume."""
+
+    key: str
+    resampled_hu: np.ndarray  # float32 (K, H, W)
+    z_mm: np.ndarray  # float64 (K,), increasing
+    slice_labels: np.ndarray  # int8 (K,): 1 lesion, 0 none, -1 ambiguous
+    truth: dict
+
+    @property
+    def positive(self) -> bool:
+        return bool(self.truth["positive"])
+
+
+def stored_hu(hu: np.ndarray) -> np.ndarray:
+    """HU as a CT scanner stores them (integers in the 12-bit range), so cached data equals DICOM data."""
+    return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+
+
+def prepare_study(seed: int, index: int, n_slices: int, external: bool, contract: InputContract) -> PreparedStudy:
+    from model_zoo.phantoms.generator import render_study, sample_study_spec
+
+    spec = sample_study_spec(seed, index, n_slices=n_slices, external=external)
+    study = render_study(spec)
+    spacing = float(study.pixel_spacing_mm)
+    resampled = resample_inplane(stored_hu(study.hu), (spacing, spacing), contract)
+    return PreparedStudy(
+        key=f"s{seed}_i{index}",
+        resampled_hu=resampled.astype(np.float32),
+        z_mm=np.asarray(study.z_mm, dtype=np.float64),
+        slice_labels=np.asarray(study.slice_labels, dtype=np.int8),
+        truth=study.truth(),
+    )
+
+
+def _cache_dir(root: Path, contract: InputContract) -> Path:
+    grid = {k: v for k, v in asdict(contract).items() if k in ("pixel_spacing_mm", "height", "width")}
+    tag = hashlib.sha256(json.dumps([grid, PREPARATION_VERSION], sort_keys=True).encode()).hexdigest()[:12]
+    return root / f"prepared_{tag}"
+
+
+def _save(path: Path, study: PreparedStudy) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, resampled_hu=study.resampled_hu, z_mm=study.z_mm, slice_labels=study.slice_labels,
+             truth=np.array(json.dumps(study.truth)))
+    os.replace(tmp, path)
+
+
+def _load(path: Path) -> PreparedStudy:
+    with np.load(path) as f:
+        return PreparedStudy(key=path.stem, resampled_hu=f["resampled_hu"], z_mm=f["z_mm"],
+                             slice_labels=f["slice_labels"], truth=json.loads(str(f["truth"])))
+
+
+def _prepare_to_cache(args: tuple) -> str:
+    seed, index, n_slices, external, contract_dict, path = args
+    path = Path(path)
+    if not path.exists():
+        _save(path, prepare_study(seed, index, n_slices, external, InputContract.from_dict(contract_dict)))
+    return str(path)
+
+
+def load_split(
+    split: SplitSpec,
+    contract: InputContract,
+    cache_root: Path = DEFAULT_CACHE,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[PreparedStudy]:
+    """Prepare (or read from the cache) every study of a split, in index order."""
+    folder = _cache_dir(Path(cache_root), contract)
+    folder.mkdir(parents=True, exist_ok=True)
+    ext = "x" if split.external else ""
+    paths = [folder / f"s{split.seed}{ext}_k{split.slices}_i{i}.npz" for i in range(split.studies)]
+    todo = [(split.seed, i, split.slices, split.external, contract.to_dict(), str(p))
+            for i, p in enumerate(paths) if not p.exists()]
+    if todo:
+        log.info("preparing %d of %d %s studies into %s", len(todo), len(paths), split.name, folder)
+        workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
+        done = len(paths) - len(todo)
+        if workers == 1:
+            results = map(_prepare_to_cache, todo)
+        else:
+            pool = ProcessPoolExecutor(max_workers=workers)
+            results = pool.map(_prepare_to_cache, todo, chunksize=1)
+        for _ in results:
+            done += 1
+            if progress:
+                progress(done, len(paths))
+        if workers != 1:
+            pool.shutdown()
+    return [_load(p) for p in paths]
+
+
+def split_specs(config: dict, names: Sequence[str] | None = None) -> dict[str, SplitSpec]:
+    """SplitSpecs from a training config's ``data`` section."""
+    data = config["data"]
+    names = names or list(data)
+    return {n: SplitSpec.from_dict(n, data[n]) for n in names}

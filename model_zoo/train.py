@@ -1,0 +1,212 @@
+"""Train a 2.5D lytic-lesion classifier on phantom studies.
+
+    python -m model_zoo.train --config model_zoo/configs/mnv2_a035.json [--resume] [--max-minutes M]
+
+Writes the best Keras model (by validation study AUC) and a model card to
+model_zoo/models/<name>/ (or --out). Checkpoints for --resume live in runs/<name>/.
+TFLite variants are added afterwards by ``python -m quantize``.
+
+Exit codes: 0 trained, 2 bad configuration or data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tf_keras  # noqa: E402
+
+from model_zoo.aggregation import study_probability  # noqa: E402
+from model_zoo.architectures import build_model  # noqa: E402
+from model_zoo.card import MODELS_DIR, Aggregation, ModelCard  # noqa: E402
+from model_zoo.contract import InputContract  # noqa: E402
+from model_zoo.data import Augmentation, make_train_dataset, study_inputs  # noqa: E402
+from model_zoo.dataset import DEFAULT_CACHE, PreparedStudy, load_split, split_specs  # noqa: E402
+from model_zoo.metrics import auc_with_ci, threshold_for_sensitivity  # noqa: E402
+
+log = logging.getLogger("model_zoo.train")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KERAS_FILE = "model.keras"
+
+
+def load_config(path: Path) -> dict:
+    cfg = json.loads(Path(path).read_text())
+    for key in ("name", "version", "architecture", "data", "training"):
+        if key not in cfg:
+            raise ValueError(f"config {path} lacks '{key}'")
+    return cfg
+
+
+def contract_of(cfg: dict) -> InputContract:
+    return InputContract.from_dict(cfg["contract"]) if "contract" in cfg else InputContract()
+
+
+def distribution_strategy() -> tf.distribute.Strategy:
+    """MirroredStrategy over several GPUs, mixed precision on any GPU, the default strategy on CPU."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        tf_keras.mixed_precision.set_global_policy("mixed_float16")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def predict_study_probabilities(model: tf_keras.Model, studies: list[PreparedStudy], contract: InputContract,
+                                aggregation: Aggregation, batch_size: int = 32) -> np.ndarray:
+    """Study probabilities from a Keras model, through the same contract and aggregation as the app."""
+    out = []
+    for study in studies:
+        prob, _cam = model.predict(study_inputs(study, contract), batch_size=batch_size, verbose=0)
+        out.append(study_probability(prob[:, 0], aggregation.method, aggregation.k))
+    return np.asarray(out)
+
+
+class StudyAUCCheckpoint(tf_keras.callbacks.Callback):
+    """Validation study AUC each epoch; keeps the best weights, stops early, saves resumable state."""
+
+    def __init__(self, val: list[PreparedStudy], contract: InputContract, aggregation: Aggregation,
+                 manager: tf.train.CheckpointManager, state: dict, best_path: Path, patience: int, deadline: float):
+        super().__init__()
+        self.val, self.contract, self.aggregation = val, contract, aggregation
+        self.manager, self.state, self.best_path = manager, state, best_path
+        self.patience, self.deadline = patience, deadline
+        self.y = np.array([int(s.positive) for s in val])
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        probs = predict_study_probabilities(self.model, self.val, self.contract, self.aggregation)
+        auc = auc_with_ci(self.y, probs, n_boot=200).value
+        if logs is not None:
+            logs["val_study_auc"] = auc
+        self.state["epoch"].assign(epoch + 1)
+        improved = auc > float(self.state["best_auc"].numpy()) + 1e-4
+        if improved:
+            self.state["best_auc"].assign(auc)
+            self.state["stale"].assign(0)
+            self.model.save_weights(str(self.best_path))
+        else:
+            self.state["stale"].assign_add(1)
+        self.manager.save()
+        log.info("epoch %d: val study AUC %.4f (best %.4f)%s", epoch + 1, auc,
+                 float(self.state["best_auc"].numpy()), " *" if improved else "")
+        if int(self.state["stale"].numpy()) >= self.patience:
+            log.info("early stopping: no AUC gain for %d epochs", self.patience)
+            self.model.stop_training = True
+        if time.time() > self.deadline:
+            log.info("time budget reached; stopping")
+            self.model.stop_training = True
+
+
+def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: float | None,
+          cache_root: Path = DEFAULT_CACHE) -> ModelCard:
+    t0 = time.time()
+    tcfg = cfg["training"]
+    seed = int(tcfg.get("seed", 0))
+    tf_keras.utils.set_random_seed(seed)
+    contract = contract_of(cfg)
+    aggregation = Aggregation(**cfg.get("aggregation", {}))
+    splits = split_specs(cfg, ["train", "val"])
+
+    def progress(name):
+        return lambda done, total: log.info("prepared %s studies: %d/%d", name, done, total)
+
+    train_studies = load_split(splits["train"], contract, cache_root, progress=progress("train"))
+    val_studies = load_split(splits["val"], contract, cache_root, progress=progress("val"))
+    log.info("data ready in %.0f s: %d train / %d val studies", time.time() - t0, len(train_studies), len(val_studies))
+
+    strategy = distribution_strategy()
+    batch = int(tcfg.get("batch_size", 32)) * strategy.num_replicas_in_sync
+    steps = int(tcfg.get("steps_per_epoch", 200))
+    epochs = int(tcfg.get("epochs", 10))
+    ds = make_train_dataset(train_studies, contract, batch, Augmentation.from_dict(cfg.get("augmentation", {})),
+                            seed=seed, positive_fraction=float(tcfg.get("positive_fraction", 0.35)))
+    with strategy.scope():
+        model = build_model(cfg["architecture"], contract.input_shape, alpha=float(cfg.get("alpha", 0.35)),
+                            dropout=float(cfg.get("dropout", 0.2)), name=cfg["name"])
+        schedule = tf_keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=float(tcfg.get("learning_rate", 2e-3)) * 0.05,
+            decay_steps=max(1, steps * epochs - int(tcfg.get("warmup_steps", 100))),
+            warmup_target=float(tcfg.get("learning_rate", 2e-3)),
+            warmup_steps=int(tcfg.get("warmup_steps", 100)), alpha=0.02)
+        optimizer = tf_keras.optimizers.AdamW(learning_rate=schedule, weight_decay=float(tcfg.get("weight_decay", 1e-4)))
+        model.compile(optimizer=optimizer, loss={"probability": tf_keras.losses.BinaryCrossentropy()},
+                      metrics={"probability": [tf_keras.metrics.AUC(name="auc")]})
+        state = {"epoch": tf.Variable(0, dtype=tf.int64), "best_auc": tf.Variable(-1.0, dtype=tf.float64),
+                 "stale": tf.Variable(0, dtype=tf.int64)}
+        ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, **state)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manager = tf.train.CheckpointManager(ckpt, str(run_dir / "ckpt"), max_to_keep=2)
+    best_path = run_dir / "best.weights.h5"
+    if resume and manager.latest_checkpoint:
+        ckpt.restore(manager.latest_checkpoint).expect_partial()
+        log.info("resumed from %s at epoch %d", manager.latest_checkpoint, int(state["epoch"].numpy()))
+    elif resume:
+        log.info("nothing to resume in %s; starting fresh", run_dir)
+    deadline = t0 + 60 * max_minutes if max_minutes else float("inf")
+    callback = StudyAUCCheckpoint(val_studies, contract, aggregation, manager, state, best_path,
+                                  int(tcfg.get("patience", 4)), deadline)
+    start_epoch = int(state["epoch"].numpy())
+    if start_epoch < epochs:
+        model.fit(ds, epochs=epochs, initial_epoch=start_epoch, steps_per_epoch=steps, callbacks=[callback],
+                  verbose=1 if sys.stderr.isatty() else 2)
+    model.load_weights(str(best_path))
+    train_seconds = time.time() - t0
+
+    val_probs = predict_study_probabilities(model, val_studies, contract, aggregation)
+    y_val = [int(s.positive) for s in val_studies]
+    threshold = threshold_for_sensitivity(y_val, val_probs, float(cfg.get("threshold_min_sensitivity", 0.95)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save(str(out_dir / KERAS_FILE))
+    card = ModelCard(
+        name=cfg["name"], version=cfg["version"], architecture=cfg["architecture"], contract=contract,
+        threshold=threshold, aggregation=aggregation, description=cfg.get("description", ""),
+        keras_file=KERAS_FILE,
+        metrics={"validation": {"auc": round(auc_with_ci(y_val, val_probs, n_boot=500, seed=seed).value, 4),
+                                "threshold_rule": f"highest threshold with validation sensitivity >= "
+                                                  f"{cfg.get('threshold_min_sensitivity', 0.95)}"}},
+        training={"config": cfg, "seed": seed, "epochs_run": int(state["epoch"].numpy()),
+                  "best_val_study_auc": round(float(state["best_auc"].numpy()), 4),
+                  "train_seconds": round(train_seconds, 1), "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
+                  "tensorflow": tf.__version__},
+    )
+    card.folder = out_dir
+    card.record_hashes()
+    card.save(out_dir)
+    log.info("saved %s (threshold %.4f, val AUC %.4f) in %.0f s", out_dir, threshold,
+             card.metrics["validation"]["auc"], train_seconds)
+    return card
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m model_zoo.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, type=Path, help="training config JSON (model_zoo/configs/)")
+    p.add_argument("--out", type=Path, default=None, help="model folder (default: model_zoo/models/<name>)")
+    p.add_argument("--run-dir", type=Path, default=None, help="checkpoints for --resume (default: runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run dir")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this wall time (data prep included)")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="prepared-study cache (default: %(default)s)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or MODELS_DIR / cfg["name"]
+    run_dir = args.run_dir or REPO_ROOT / "runs" / cfg["name"]
+    train(cfg, out, run_dir, args.resume, args.max_minutes, args.cache)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

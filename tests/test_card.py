@@ -1,0 +1,46 @@
+import json
+
+import pytest
+
+from model_zoo.card import ModelCard, ModelError, Variant, load_card, resolve_model
+from model_zoo.contract import InputContract
+
+
+def _card(folder):
+    (folder / "m.tflite").write_bytes(b"model bytes")
+    card = ModelCard(name="t", version="1", architecture="mobilenet_v2", contract=InputContract(),
+                     variants={"float32": Variant(file="m.tflite", kind="float32")})
+    card.folder = folder
+    card.record_hashes()
+    card.save(folder)
+    return card
+
+
+def test_card_round_trip_and_hashes(tmp_path):
+    card = _card(tmp_path)
+    loaded = load_card(tmp_path)
+    assert loaded.to_dict() == card.to_dict()
+    assert loaded.variants["float32"].sha256 == loaded.files["m.tflite"]
+    assert loaded.verify("m.tflite") == tmp_path / "m.tflite"
+    assert resolve_model(tmp_path / "m.tflite").default_variant == "float32"
+
+
+def test_tampered_or_missing_file_is_reported(tmp_path):
+    _card(tmp_path)
+    (tmp_path / "m.tflite").write_bytes(b"other bytes")
+    with pytest.raises(ModelError, match="does not match its card"):
+        load_card(tmp_path).verify("m.tflite")
+    (tmp_path / "m.tflite").unlink()
+    with pytest.raises(ModelError, match="missing"):
+        load_card(tmp_path).verify("m.tflite")
+
+
+def test_bad_card_and_unknown_model(tmp_path):
+    (tmp_path / "card.json").write_text("{not json")
+    with pytest.raises(ModelError, match="not valid JSON"):
+        load_card(tmp_path)
+    (tmp_path / "card.json").write_text(json.dumps({"name": "x"}))
+    with pytest.raises(ModelError, match="malformed"):
+        load_card(tmp_path)
+    with pytest.raises(ModelError, match="unknown model"):
+        resolve_model("no-such-model")

@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+
+from model_zoo.aggregation import study_probability
+from model_zoo.metrics import (
+    auc_with_ci,
+    calibration,
+    largest_lesion_bucket,
+    sensitivity_specificity,
+    study_report,
+    threshold_for_sensitivity,
+)
+
+
+def test_top_k_mean_and_max():
+    p = [0.1, 0.9, 0.2, 0.7]
+    assert study_probability(p, "max") == pytest.approx(0.9)
+    assert study_probability(p, "top_k_mean", 2) == pytest.approx(0.8)
+    assert study_probability(p, "top_k_mean", 10) == pytest.approx(np.mean(p))
+    with pytest.raises(ValueError):
+        study_probability([], "max")
+
+
+def test_threshold_keeps_target_sensitivity():
+    rng = np.random.default_rng(1)
+    y = np.r_[np.ones(40), np.zeros(60)].astype(int)
+    p = np.r_[rng.uniform(0.3, 1, 40), rng.uniform(0, 0.7, 60)]
+    t = threshold_for_sensitivity(y, p, 0.95)
+    sens, spec = sensitivity_specificity(y, p, t)
+    assert sens.value >= 0.95
+    # The highest such threshold: raising it a little loses sensitivity.
+    assert sensitivity_specificity(y, p, t + 1e-9)[0].value < 0.95
+    assert 0 < spec.value < 1
+
+
+def test_auc_ci_brackets_the_estimate():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 80)
+    p = y * 0.3 + rng.uniform(0, 0.7, 80)
+    auc = auc_with_ci(y, p, n_boot=300)
+    assert auc.low <= auc.value <= auc.high and 0.5 < auc.value < 1
+
+
+def test_calibration_of_perfectly_calibrated_bins_is_small():
+    rng = np.random.default_rng(3)
+    p = rng.uniform(0, 1, 20000)
+    y = (rng.uniform(0, 1, 20000) < p).astype(int)
+    assert calibration(y, p)["ece"] < 0.02
+    assert calibration(y, np.clip(p + 0.3, 0, 1))["ece"] > 0.15
+
+
+def test_study_report_buckets():
+    assert largest_lesion_bucket([3.0, 12.0]) == "10-20"
+    assert largest_lesion_bucket([4.9]) == "<5"
+    truths = [{"positive": True, "lesions": [{"diameter_mm": 4.0}], "hard_negatives": []},
+              {"positive": True, "lesions": [{"diameter_mm": 25.0}], "hard_negatives": [{"kind": "osteoporosis"}]},
+              {"positive": False, "lesions": [], "hard_negatives": [{"kind": "bone_island"}]},
+              {"positive": False, "lesions": [], "hard_negatives": []}]
+    r = study_report(truths, [0.2, 0.9, 0.6, 0.1], threshold=0.5)
+    assert r["sensitivity_by_largest_lesion_mm"]["<5"]["value"] == 0.0
+    assert r["sensitivity_by_largest_lesion_mm"][">20"]["value"] == 1.0
+    assert r["specificity_by_hard_negative"]["bone_island"]["value"] == 0.0
+    assert r["specificity_by_hard_negative"]["none"]["value"] == 1.0
