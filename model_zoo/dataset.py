@@ -60,18 +60,13 @@ class PreparedStudy:
         return bool(self.truth["positive"])
 
 
-def stored_hu(hu: np.ndarray) -> np.ndarray:
-    """HU as a CT scanner stores them (integers in the 12-bit range), so cached data equals DICOM data."""
-    return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
-
-
 def prepare_study(seed: int, index: int, n_slices: int, external: bool, contract: InputContract) -> PreparedStudy:
     from model_zoo.phantoms.generator import render_study, sample_study_spec
 
     spec = sample_study_spec(seed, index, n_slices=n_slices, external=external)
     study = render_study(spec)
     spacing = float(study.pixel_spacing_mm)
-    resampled = resample_inplane(stored_hu(study.hu), (spacing, spacing), contract)
+    resampled = resample_inplane(study.hu, (spacing, spacing), contract)
     return PreparedStudy(
         key=f"s{seed}_i{index}",
         resampled_hu=resampled.astype(np.float32),
@@ -83,7 +78,10 @@ def prepare_study(seed: int, index: int, n_slices: int, external: bool, contract
 
 def _cache_dir(root: Path, contract: InputContract) -> Path:
     grid = {k: v for k, v in asdict(contract).items() if k in ("pixel_spacing_mm", "height", "width")}
-    tag = hashlib.sha256(json.dumps([grid, PREPARATION_VERSION], sort_keys=True).encode()).hexdigest()[:12]
+    from model_zoo.phantoms import GENERATOR_VERSION
+
+    versions = [PREPARATION_VERSION, GENERATOR_VERSION]
+    tag = hashlib.sha256(json.dumps([grid, versions], sort_keys=True).encode()).hexdigest()[:12]
     return root / f"prepared_{tag}"
 
 

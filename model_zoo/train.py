@@ -155,9 +155,11 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
     callback = StudyAUCCheckpoint(val_studies, contract, aggregation, manager, state, best_path,
                                   int(tcfg.get("patience", 4)), deadline)
     start_epoch = int(state["epoch"].numpy())
+    losses: list[float] = []
     if start_epoch < epochs:
-        model.fit(ds, epochs=epochs, initial_epoch=start_epoch, steps_per_epoch=steps, callbacks=[callback],
-                  verbose=1 if sys.stderr.isatty() else 2)
+        history = model.fit(ds, epochs=epochs, initial_epoch=start_epoch, steps_per_epoch=steps,
+                            callbacks=[callback], verbose=1 if sys.stderr.isatty() else 2)
+        losses = [round(float(v), 5) for v in history.history["loss"]]
     model.load_weights(str(best_path))
     train_seconds = time.time() - t0
 
@@ -174,7 +176,7 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
                                 "threshold_rule": f"highest threshold with validation sensitivity >= "
                                                   f"{cfg.get('threshold_min_sensitivity', 0.95)}"}},
         training={"config": cfg, "seed": seed, "epochs_run": int(state["epoch"].numpy()),
-                  "best_val_study_auc": round(float(state["best_auc"].numpy()), 4),
+                  "best_val_study_auc": round(float(state["best_auc"].numpy()), 4), "epoch_losses": losses,
                   "train_seconds": round(train_seconds, 1), "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
                   "tensorflow": tf.__version__},
     )
