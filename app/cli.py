@@ -3,7 +3,7 @@
 Exit codes:
   0  success (analyze: at least one study analysed; forward: delivered)
   2  nothing could be done (no analysable study, bad input, bad model); reason on stderr
-  3  forward: the case is queued in the outbox for later delivery; reason on stderr
+  3  forward / outbox flush: case(s) stay queued in the outbox for later delivery; reason on stderr
   130 interrupted
 """
 
@@ -16,6 +16,29 @@ import sys
 from app.domain import AppError
 
 EXIT_OK, EXIT_FAILED, EXIT_QUEUED, EXIT_INTERRUPTED = 0, 2, 3, 130
+
+ANALYZE_EPILOG = """\
+output (--json):
+  {"studies": [one object per analysed study], "errors": [{"path": ..., "error": ...}]}
+  study: study_instance_uid, series_instance_uid, probability (study level, mean of the
+  card's top-k slice probabilities), positive (probability >= threshold), threshold,
+  model {name, version, sha256, variant}, slices [{sop_instance_uid, z_mm, probability}],
+  findings [{slice_start, slice_end (inclusive, 0-based in the sorted series), z_start_mm,
+  z_end_mm, peak_slice, peak_sop_instance_uid, peak_probability, center_px [row, col],
+  bbox_px [row0, col0, row1, col1] (inclusive, original pixels of the peak slice)}],
+  warnings [text], timing_s {read, preprocess, inference, post, total} (stages overlap).
+  A finding is a run of consecutive slices at or above the threshold, located by the
+  model's class-activation heatmap. The model file is checked against its card's sha256.
+  A progress bar is shown on stderr when it is a terminal.
+
+exit codes:
+  0  at least one study was analysed (problems with other inputs are in "errors")
+  2  no study was analysed, or the model is missing/corrupt; one-line reason on stderr
+  130 interrupted
+
+example:
+  python -m app.cli analyze /media/cdrom/DICOM study2.zip --json result.json --threads 2
+"""
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -57,11 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="analyse CT studies and write a JSON result",
                        description="Read DICOM folders, zip files or single files, pick the analysable axial CT "
                                    "series of each study, run the lytic-lesion model and write a JSON result. "
-                                   "Files that cannot be used are listed under 'errors' with the reason.")
+                                   "Files that cannot be used are listed under 'errors' with the reason.",
+                       epilog=ANALYZE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM folder, zip archive or file")
     p.add_argument("--json", required=True, metavar="OUT", help="where to write the result JSON ('-' for stdout)")
     p.add_argument("--heatmaps", metavar="DIR", default=None,
-                   help="also write PNG key images with the heatmap overlay into DIR")
+                   help="also write PNG key images (bone window + heatmap) of the most suspicious slices "
+                        "and of every finding's peak slice to DIR/<SeriesInstanceUID>/slice_NNNN.png")
     p.set_defaults(handler=_analyze)
 
     p = sub.add_parser("forward", parents=[common_model],
@@ -80,8 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("outbox", help="show or deliver the store-and-forward outbox",
                        description="The outbox keeps every forwarded case until the server confirms it.")
-    p.add_argument("action", choices=["status", "flush"], help="status: list cases; flush: try to deliver now")
-    p.add_argument("--server", default=None, metavar="URL", help="override the server URL for flush")
+    p.add_argument("action", choices=["status", "flush"],
+                   help="status: list cases with state, retries and last error; flush: deliver queued cases now "
+                        "(exit 0 when none is left queued, 3 otherwise)")
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="flush only the cases queued for this server (default: $TELERAD_URL or the app settings; "
+                        "with neither, each case goes to the server it was queued for)")
     p.add_argument("--user", default=None, help="server user (default: $TELERAD_USER)")
     p.set_defaults(handler=_outbox)
     return parser

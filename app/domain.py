@@ -12,6 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
+TRIAGE_POSITIVE = "Suspicious for lytic lesions: forward for review"
+TRIAGE_NEGATIVE = "No lytic lesion detected"
+
+
+def triage_label(positive: bool) -> str:
+    """The AI call in words (the same text wherever a result is shown)."""
+    return TRIAGE_POSITIVE if positive else TRIAGE_NEGATIVE
+
 
 class AppError(Exception):
     """An error with a message a clinician can act on. Caught once, at the edge (CLI, UI)."""
@@ -115,8 +123,7 @@ class StudyResult:
 
     @property
     def triage_label(self) -> str:
-        return ("Suspicious for lytic lesions: forward for review" if self.positive
-                else "No lytic lesion detected")
+        return triage_label(self.positive)
 
     def key_slices(self, n: int = 3) -> list[int]:
         """Indices of the most suspicious slices, most suspicious first."""

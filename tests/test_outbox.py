@@ -1,0 +1,256 @@
+"""The outbox queue, the settings it is delivered with, and the STOW-RS answer parsing (no server needed)."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import sqlite3
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pydicom
+import pytest
+
+from app.dicomweb import DicomWebClient, parse_stow_response
+from app.domain import AppError
+from app.forward import _batches, deliver_pending, enqueue_case, open_outbox, open_pseudonyms
+from app.outbox import CASES_DIR, CaseState, ItemKind, ItemState, Outbox, OutboxBusy, OutboxError, OutboxItem
+from app.settings import ServerSettings, resolve_settings, save_server_settings, split_credentials
+from tests.forward_helpers import make_study_result, write_ct_series
+from tests.orthanc_helpers import free_port
+
+SECRET = "pw-Never-Logged-42"
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory):
+    return write_ct_series(tmp_path_factory.mktemp("ct"), n_slices=8)
+
+
+@pytest.fixture
+def datasets(series):
+    return [(ItemKind.IMAGE, pydicom.dcmread(f)) for f in series.files]
+
+
+def unreachable(**overrides) -> ServerSettings:
+    """A loopback URL nobody listens on, with fast retries."""
+    values = dict(url=f"http://127.0.0.1:{free_port()}/dicom-web", user="clinic", password=SECRET,
+                  retry_attempts=2, backoff_initial_s=0.01, backoff_max_s=0.02, connect_timeout_s=1)
+    return ServerSettings(**(values | overrides))
+
+
+# --- the queue ---------------------------------------------------------------------------
+def test_case_survives_reopening_with_its_files(tmp_path, datasets):
+    with Outbox(tmp_path) as outbox:
+        case_id = outbox.add_case("https://x/dicom-web", True, datasets, summary="suspicious")
+    with Outbox(tmp_path) as reopened:  # e.g. after an app restart
+        case = reopened.case(case_id)
+        assert case.state == CaseState.QUEUED and case.n_items == case.n_pending == len(datasets)
+        assert case.summary == "suspicious" and case.deidentified
+        items = reopened.items(case_id)
+        assert [i.sop_instance_uid for i in items] == [ds.SOPInstanceUID for _, ds in datasets]
+        first = pydicom.dcmread(reopened.case_dir(case_id) / items[0].file)
+        assert first.SOPInstanceUID == items[0].sop_instance_uid
+        assert reopened.read_file(items[0]) == (reopened.case_dir(case_id) / items[0].file).read_bytes()
+
+
+def test_item_states_and_delivery_remove_the_files(tmp_path, datasets):
+    with Outbox(tmp_path) as outbox:
+        case_id = outbox.add_case("https://x/dicom-web", True, datasets)
+        uids = [ds.SOPInstanceUID for _, ds in datasets]
+        outbox.mark_sent(case_id, uids[:3])
+        outbox.mark_failed(case_id, {uids[1]: "server refused it"})
+        case = outbox.case(case_id)
+        assert (case.n_sent, case.n_pending) == (2, len(uids) - 2)
+        failed = next(i for i in outbox.items(case_id) if i.sop_instance_uid == uids[1])
+        assert failed.state == ItemState.PENDING and failed.attempts == 1 and failed.last_error == "server refused it"
+        outbox.record_failure(case_id, "server down", retry_in_s=60)
+        case = outbox.case(case_id)
+        assert case.attempts == 1 and case.last_error == "server down" and case.next_attempt_at > time.time() + 30
+        assert outbox.cases(due_before=time.time()) == []
+        outbox.mark_confirmed(case_id, uids)
+        outbox.mark_delivered(case_id)
+        assert outbox.case(case_id).state == CaseState.DELIVERED
+        assert not outbox.case_dir(case_id).exists()
+        outbox.remove_case(case_id)  # the user clears the history
+        assert outbox.cases() == [] and outbox.items(case_id) == []
+
+
+def test_a_failed_enqueue_leaves_nothing_behind(tmp_path, datasets):
+    def broken():
+        yield datasets[0]
+        raise AppError("file changed since it was analysed")
+
+    with Outbox(tmp_path) as outbox:
+        with pytest.raises(AppError):
+            outbox.add_case("https://x/dicom-web", True, broken())
+        with pytest.raises(OutboxError, match="exactly one study"):
+            other = pydicom.dcmread(write_ct_series(tmp_path / "other", n_slices=8, seed=3).files[0])
+            outbox.add_case("https://x/dicom-web", True, [datasets[0], (ItemKind.IMAGE, other)])
+        assert outbox.cases() == []
+        assert list((tmp_path / CASES_DIR).iterdir()) == []
+
+
+def test_leftover_folders_are_cleaned_on_open(tmp_path, datasets):
+    with Outbox(tmp_path) as outbox:
+        case_id = outbox.add_case("https://x/dicom-web", True, datasets)
+        outbox.mark_delivered(case_id)
+    outbox.case_dir(case_id).mkdir()  # crash between commit and delete
+    stale = tmp_path / CASES_DIR / ("0" * 32)  # crash between writing files and committing
+    stale.mkdir()
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    fresh = tmp_path / CASES_DIR / ("1" * 32)  # an enqueue in progress in another process
+    fresh.mkdir()
+    Outbox(tmp_path).close()
+    assert not outbox.case_dir(case_id).exists() and not stale.exists() and fresh.exists()
+
+
+def test_only_one_process_delivers_at_a_time(tmp_path):
+    with Outbox(tmp_path) as first, Outbox(tmp_path) as second:
+        with first.delivery_lock():
+            with pytest.raises(OutboxBusy):
+                with second.delivery_lock():
+                    pass
+        with second.delivery_lock():  # released
+            pass
+
+
+def test_batches_respect_count_and_size():
+    items = [OutboxItem("c", str(i), ItemKind.IMAGE, f"{i}.dcm", size, ItemState.PENDING, 0, None)
+             for i, size in enumerate([10, 10, 10, 50, 10, 10])]
+    assert [[i.sop_instance_uid for i in b] for b in _batches(items, 2, 1e9)] == [["0", "1"], ["2", "3"], ["4", "5"]]
+    assert [len(b) for b in _batches(items, 10, 40)] == [3, 1, 2]  # a big item gets its own batch
+
+
+# --- delivery without a server: queued, with a reason and without the secret ---------------------
+def test_unreachable_server_keeps_the_case_queued_without_leaking_credentials(tmp_path, series, caplog):
+    settings = unreachable()
+    caplog.set_level(logging.DEBUG)
+    with open_outbox(tmp_path) as outbox, open_pseudonyms(tmp_path) as pseudonyms:
+        case_id = enqueue_case(series, make_study_result(series), settings, outbox, pseudonyms)
+        with DicomWebClient(settings) as client:
+            report = deliver_pending(outbox, client)
+        outcome = report.outcome(case_id)
+        assert not outcome.delivered and "unreachable" in outcome.error
+        assert report.stopped == outcome.error
+        case = outbox.case(case_id)
+        assert case.state == CaseState.QUEUED and case.attempts == 1 and case.n_pending == case.n_items
+        assert case.next_attempt_at > time.time()
+        with DicomWebClient(settings) as client:  # not due yet: an automatic run leaves it alone
+            assert deliver_pending(outbox, client).outcomes == []
+    assert SECRET not in caplog.text and SECRET not in outcome.error
+    for f in tmp_path.rglob("*.sqlite*"):
+        assert SECRET.encode() not in f.read_bytes(), f"{f.name} holds the password"
+    with sqlite3.connect(tmp_path / "outbox" / "outbox.sqlite") as db:
+        assert db.execute("SELECT destination FROM cases").fetchone()[0] == settings.url
+
+
+# --- settings --------------------------------------------------------------------------------
+def test_settings_precedence_flags_then_env_then_file(tmp_path):
+    save_server_settings(ServerSettings(url="https://file/dicom-web", user="file-user", password="file-pw",
+                                        batch_size=3, deidentify=True), tmp_path)
+    env = {"TELERAD_URL": "https://env/dicom-web", "TELERAD_USER": "env-user"}
+    merged = resolve_settings(env=env, data_dir=tmp_path)
+    assert (merged.url, merged.user, merged.password, merged.batch_size) == (
+        "https://env/dicom-web", "env-user", "file-pw", 3)
+    flagged = resolve_settings(server="https://flag/dicom-web/", user="flag-user", deidentify=False,
+                               env=env, data_dir=tmp_path)
+    assert (flagged.url, flagged.user, flagged.deidentify) == ("https://flag/dicom-web", "flag-user", False)
+    assert resolve_settings(env={}, data_dir=tmp_path / "empty").deidentify is True  # on by default
+    assert "file-pw" not in repr(merged)
+    assert (tmp_path / "settings.json").stat().st_mode & 0o077 == 0
+
+
+def test_credentials_never_stay_in_the_url(tmp_path):
+    assert split_credentials("https://u%40x:p%3Aw@host:8443/dicom-web") == ("https://host:8443/dicom-web", "u@x", "p:w")
+    settings = resolve_settings(server=f"http://clinic:{SECRET}@127.0.0.1:8042/dicom-web", env={}, data_dir=tmp_path)
+    assert settings.url == "http://127.0.0.1:8042/dicom-web"
+    assert (settings.user, settings.password) == ("clinic", SECRET)
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("", "no teleradiology server configured"),
+    ("ftp://host/x", "not an http"),
+    ("http://pacs.example.org/dicom-web", "plain http"),
+])
+def test_unusable_server_urls_are_explained(url, message):
+    with pytest.raises(AppError, match=message):
+        ServerSettings(url=url).require_url()
+    ServerSettings(url="http://pacs.example.org/dicom-web", allow_plain_http=True).require_url()
+
+
+def test_unknown_settings_are_reported(tmp_path):
+    (tmp_path / "settings.json").write_text('{"server": {"url": "https://x", "pasword": "typo"}}')
+    with pytest.raises(AppError, match="pasword"):
+        resolve_settings(env={}, data_dir=tmp_path)
+
+
+@pytest.mark.parametrize(("credentials", "expected"), [
+    ({"token": "tok-123", "user": "clinic", "password": SECRET}, "Bearer tok-123"),  # a token wins
+    ({"user": "clinic", "password": SECRET}, "Basic " + base64.b64encode(f"clinic:{SECRET}".encode()).decode()),
+])
+def test_client_authenticates_with_bearer_token_or_basic(credentials, expected):
+    seen: list[str | None] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+        with DicomWebClient(ServerSettings(url=url, **credentials)) as client:
+            assert client.study_instance_uids("1.2.3") == set()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == [expected]
+
+
+# --- STOW-RS answers --------------------------------------------------------------------------
+def _sop_items(*uids, reason=None):
+    items = []
+    for uid in uids:
+        item = {"00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.2"]},
+                "00081155": {"vr": "UI", "Value": [uid]}}
+        if reason is not None:
+            item["00081197"] = {"vr": "US", "Value": [reason]}
+        items.append(item)
+    return {"vr": "SQ", "Value": items}
+
+
+def test_stow_answer_all_stored():
+    outcome = parse_stow_response(200, {"00081199": _sop_items("1", "2")}, ["1", "2"])
+    assert outcome.stored == {"1", "2"} and outcome.failed == {}
+
+
+def test_stow_answer_partial_202_names_the_failures():
+    body = {"00081199": _sop_items("1"), "00081198": _sop_items("2", reason=0xA700)}
+    outcome = parse_stow_response(202, body, ["1", "2", "3"])
+    assert outcome.stored == {"1"}
+    assert "0xA700" in outcome.failed["2"]
+    assert outcome.failed["3"] == "server did not acknowledge it"  # neither stored nor failed: resend
+
+
+def test_stow_answer_200_that_lists_fewer_instances_is_not_trusted():
+    # Orthanc's DICOMweb plugin answers 200 and omits instances it dropped
+    outcome = parse_stow_response(200, {"00081198": {"vr": "SQ"}, "00081199": _sop_items("1")}, ["1", "2"])
+    assert outcome.stored == {"1"} and set(outcome.failed) == {"2"}
+
+
+def test_stow_answer_bare_200_means_stored_and_failure_wins_over_reference():
+    assert parse_stow_response(200, None, ["1"]).stored == {"1"}
+    body = {"00081199": _sop_items("1"), "00081198": _sop_items("1", reason=0x0110)}
+    assert parse_stow_response(409, body, ["1"]).stored == frozenset()
