@@ -8,7 +8,12 @@ Every exported model has one signature, ``serving_default``, with input ``image`
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +27,29 @@ OUTPUTS = ("probability", "cam")
 
 class LiteRTError(Exception):
     """The TFLite file cannot be loaded or run. The message is for the user."""
+
+
+@contextmanager
+def _native_stderr_to_log() -> Iterator[None]:
+    """Send what LiteRT's C++ code prints on file descriptor 2 to the log (DEBUG) instead.
+
+    Loading prints e.g. "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.", which
+    would break a CLI's promise of a clean stderr. Process-wide while active: call it
+    only around model loading, not while other threads may report errors.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode(errors="replace").splitlines():
+                if line.strip():
+                    log.debug("LiteRT: %s", line.strip())
 
 
 def _interpreter_class():
@@ -42,10 +70,14 @@ class TFLiteModel:
     def __init__(self, path: Path, threads: int = 2):
         self.path = Path(path)
         try:
-            self._interp = _interpreter_class()(model_path=str(self.path), num_threads=max(1, int(threads)))
-            self._runner = self._interp.get_signature_runner(SIGNATURE)
+            with _native_stderr_to_log():
+                self._interp = _interpreter_class()(model_path=str(self.path), num_threads=max(1, int(threads)))
+                self._interp.allocate_tensors()  # creates the XNNPACK delegate now, while its banner is captured
         except (ValueError, RuntimeError) as exc:
             raise LiteRTError(f"cannot load TFLite model {self.path.name}: it is corrupt or not a TFLite file") from exc
+        if SIGNATURE not in self._interp.get_signature_list():
+            raise LiteRTError(f"TFLite model {self.path.name} has no '{SIGNATURE}' signature; re-export it")
+        self._runner = self._interp.get_signature_runner(SIGNATURE)
         details = self._runner.get_input_details()
         if INPUT_NAME not in details:
             raise LiteRTError(f"TFLite model {self.path.name} has no '{INPUT_NAME}' input in its signature")
@@ -57,7 +89,6 @@ class TFLiteModel:
         self._outputs = out
         self.threads = threads
         self._lock = threading.Lock()
-        self._batch = None
 
     @property
     def input_dtype(self) -> np.dtype:
@@ -86,11 +117,8 @@ class TFLiteModel:
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape[1:]:
             raise LiteRTError(f"input shape {x.shape} does not match the model's {self.input_shape}")
         with self._lock:
-            if self._batch != len(x):
-                self._interp.resize_tensor_input(self._input["index"], [len(x), *self.input_shape[1:]])
-                self._interp.allocate_tensors()
-                self._runner = self._interp.get_signature_runner(SIGNATURE)
-                self._batch = len(x)
+            # The signature runner resizes the batch dimension itself when it changes
+            # (resize_tensor_input on the interpreter would fail: the runner holds its tensors).
             out = self._runner(**{INPUT_NAME: self._quantize(x)})
         prob = self._dequantize("probability", out["probability"]).reshape(len(x), -1)[:, 0]
         cam = self._dequantize("cam", out["cam"])[..., 0]

@@ -1,0 +1,82 @@
+"""Slice probabilities and CAM maps -> one study result: probability, call, findings, heatmaps.
+
+Pure functions (numpy only). The study probability comes from
+``model_zoo.aggregation.study_probability`` with the card's aggregation, the same
+function evaluation uses, so the app reproduces the reported operating point.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from app.domain import AppError, Finding, ModelRef, Series, SliceResult, StudyResult
+from app.heatmap import cam_to_image, hot_region
+from model_zoo.aggregation import study_probability
+from model_zoo.card import ModelCard
+
+KEY_SLICES = 3  # heatmaps are kept for the most suspicious slices plus every finding's peak
+
+
+class AnalysisError(AppError):
+    """The model's output cannot be turned into a result (e.g. it produced NaN)."""
+
+
+def suspicious_runs(probabilities: np.ndarray, threshold: float) -> list[tuple[int, int]]:
+    """Runs of consecutive slices with probability >= threshold, as (first, last) inclusive."""
+    hot = np.asarray(probabilities) >= threshold
+    edges = np.diff(np.concatenate([[0], hot.astype(np.int8), [0]]))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1) - 1
+    return [(int(a), int(b)) for a, b in zip(starts, ends, strict=True)]
+
+
+def heatmap_slices(probabilities: np.ndarray, runs: list[tuple[int, int]], n_key: int = KEY_SLICES) -> list[int]:
+    """Slices that get a heatmap: the peak of every run and the ``n_key`` most suspicious slices."""
+    p = np.asarray(probabilities)
+    peaks = {a + int(np.argmax(p[a:b + 1])) for a, b in runs}
+    top = np.argsort(-p, kind="stable")[:n_key]
+    return sorted(peaks | {int(i) for i in top})
+
+
+def build_study_result(series: Series, probabilities: np.ndarray, cams: np.ndarray, card: ModelCard,
+                       model: ModelRef, warnings: list[str] | None = None) -> StudyResult:
+    """Aggregate per-slice model outputs of ``series`` (probabilities (n,), cams (n, h, w)) into a StudyResult.
+
+    Findings are runs of slices at or above the card's threshold; each is located by
+    the heatmap of its most suspicious slice. Timing is left to the caller.
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    if p.shape != (series.n_slices,) or len(cams) != series.n_slices:
+        raise AnalysisError(f"the model returned {len(p)} results for a series of {series.n_slices} slices")
+    if not np.all(np.isfinite(p)):
+        raise AnalysisError("the model produced invalid (NaN) probabilities; the model file may be damaged")
+    threshold = float(card.threshold)
+    probability = study_probability(p, card.aggregation.method, card.aggregation.k)
+    runs = suspicious_runs(p, threshold)
+    image_shape = series.hu.shape[1:]
+    heatmaps = {i: cam_to_image(cams[i], image_shape, series.pixel_spacing_mm, card.contract)
+                for i in heatmap_slices(p, runs)}
+    findings = []
+    for first, last in runs:
+        peak = first + int(np.argmax(p[first:last + 1]))
+        region = hot_region(heatmaps[peak])
+        findings.append(Finding(
+            slice_start=first, slice_end=last,
+            z_start_mm=float(series.z_mm[first]), z_end_mm=float(series.z_mm[last]),
+            peak_slice=peak, peak_sop_instance_uid=series.sop_instance_uids[peak],
+            peak_probability=float(p[peak]), center_px=region.center_px, bbox_px=region.bbox_px,
+        ))
+    slices = [SliceResult(uid, float(z), float(prob))
+              for uid, z, prob in zip(series.sop_instance_uids, series.z_mm, p, strict=True)]
+    return StudyResult(
+        study_instance_uid=series.study_instance_uid,
+        series_instance_uid=series.series_instance_uid,
+        probability=probability,
+        positive=probability >= threshold,
+        threshold=threshold,
+        model=model,
+        slices=slices,
+        findings=findings,
+        warnings=list(series.warnings) + list(warnings or []),
+        heatmaps=heatmaps,
+    )

@@ -1,0 +1,421 @@
+"""The analysis engine: CT series in, StudyResult out, and the ``analyze`` command.
+
+Per series, three threads share the work so both CPU cores stay busy (numpy and
+the LiteRT interpreter release the GIL):
+
+1. resampling: the int16 slices go onto the contract grid a chunk at a time
+   (``contract.resample_inplane``);
+2. stacking: the 2.5D, windowed model input of every slice whose neighbours are in
+   (``contract.model_input``); resampled slices no later input needs are dropped;
+3. inference, in the calling thread: the interpreter runs each batch and the slice
+   probabilities and CAM maps are collected.
+
+Bounded queues between the stages keep memory proportional to the batch size, not
+the series length, and the model inputs are bit-identical to
+``contract.volume_to_input`` on the whole volume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from app.analysis import AnalysisError, build_study_result
+from app.domain import AppError, Series, StudyResult
+from app.ingest import IngestLimits, InputError, ingest
+from app.runtime import LoadedModel, load_model
+from model_zoo.contract import InputContract, model_input, resample_inplane
+from model_zoo.litert import LiteRTError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 4  # slices per interpreter call; small batches stay in cache (measured: less CPU, less RSS)
+PREFETCH_DEPTH = 2  # input batches the producer may run ahead of the interpreter
+STAGES = ("read", "preprocess", "inference", "post")
+
+T = TypeVar("T")
+SliceProgress = Callable[[int, int], None]  # (slices done, slices total)
+StageProgress = Callable[[str, int, int], None]  # (stage "read" | "analyze", done, total)
+
+
+class AnalysisCancelled(AppError):
+    """The caller asked to stop (UI cancel button)."""
+
+
+class NoStudyAnalysed(AppError):
+    """Nothing in the input could be analysed."""
+
+
+@dataclass
+class StageClock:
+    """Busy seconds per stage, each written by one thread only.
+
+    Stages run concurrently, so they may add up to more than the wall time.
+    """
+
+    read: float = 0.0
+    resample: float = 0.0
+    stack: float = 0.0
+    inference: float = 0.0
+    post: float = 0.0
+
+    def timing(self) -> dict[str, float]:
+        """The ``StudyResult.timing_s`` stages (without ``total``)."""
+        return {"read": self.read, "preprocess": self.resample + self.stack, "inference": self.inference,
+                "post": self.post}
+
+
+# --- the pipeline -------------------------------------------------------------------
+
+
+def resampled_chunks(chunks: Iterable[np.ndarray], pixel_spacing_mm: Sequence[float], contract: InputContract,
+                     clock: StageClock | None = None) -> Iterator[np.ndarray]:
+    """Each chunk of HU slices (k, rows, cols) on the contract grid (k, height, width) float32, as it arrives."""
+    clock = clock or StageClock()
+    source = iter(chunks)
+    while True:
+        started = time.perf_counter()
+        chunk = next(source, None)
+        clock.read += time.perf_counter() - started
+        if chunk is None:
+            return
+        started = time.perf_counter()
+        resampled = resample_inplane(chunk, pixel_spacing_mm, contract)
+        clock.resample += time.perf_counter() - started
+        yield resampled
+
+
+def model_input_batches(
+    resampled: Iterable[np.ndarray],
+    z_mm: np.ndarray,
+    contract: InputContract,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    clock: StageClock | None = None,
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """Model inputs (slice range, (m, h, w, c) float32) from consecutive chunks of resampled slices.
+
+    A slice's input is built once the first slice beyond its highest z offset is in,
+    so every batch sees exactly the neighbours the whole volume would give it, and
+    resampled slices no later input needs are dropped. Batches are ``batch_size``
+    long except the last.
+    """
+    clock = clock or StageClock()
+    z = np.asarray(z_mm, dtype=np.float64)
+    n = len(z)
+    reach_below = min(0.0, *contract.z_offsets_mm)
+    reach_above = max(0.0, *contract.z_offsets_mm)
+    window = np.empty((0, contract.height, contract.width), np.float32)  # slices first..loaded-1
+    first = loaded = target = 0
+    for chunk in resampled:
+        started = time.perf_counter()
+        window = np.concatenate([window, chunk])
+        loaded += len(chunk)
+        if loaded >= n:
+            ready = n
+        else:  # targets whose highest neighbour lies strictly below the last slice in
+            ready = int(np.searchsorted(z, z[loaded - 1] - reach_above, side="left")) if loaded else 0
+        while ready - target >= batch_size or (ready == n and target < n):
+            stop = min(target + batch_size, n)
+            batch = model_input(window, z[first:loaded], z[target:stop], contract)
+            clock.stack += time.perf_counter() - started
+            yield slice(target, stop), batch
+            started = time.perf_counter()
+            target = stop
+            if target < n:  # drop slices below the lower neighbour of z[target] + reach_below
+                keep = max(0, int(np.searchsorted(z, z[target] + reach_below, side="right")) - 1)
+                if keep > first:
+                    window, first = window[keep - first:], keep
+        clock.stack += time.perf_counter() - started
+    if target < n:
+        raise ValueError(f"the slice source ended after {loaded} of {n} slices")
+
+
+def _prefetched(items: Iterable[T], depth: int = PREFETCH_DEPTH) -> Iterator[T]:
+    """Iterate ``items`` in a producer thread, at most ``depth`` items ahead of the consumer.
+
+    Exceptions of the producer are raised in the consumer; when the consumer stops
+    early (error, cancel, interrupt) the producer stops after its current item.
+    """
+    handoff: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        iterator = iter(items)
+        try:
+            for item in iterator:
+                if not put((True, item)):
+                    return
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put((False, exc))
+            return
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:  # an abandoned upstream generator stops its own producer too
+                close()
+        put((False, None))
+
+    thread = threading.Thread(target=produce, name="analysis-producer", daemon=True)
+    thread.start()
+    try:
+        while True:
+            is_item, value = handoff.get()
+            if not is_item:
+                if value is not None:
+                    raise value
+                return
+            yield value
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _check_series(series: Series) -> None:
+    n = series.n_slices
+    hu = series.hu
+    if n == 0 or hu is None or hu.ndim != 3 or len(hu) != n or len(series.z_mm) != n:
+        raise AnalysisError(f"series {series.series_instance_uid} is inconsistent: {n} slice UIDs, "
+                            f"pixel data {getattr(hu, 'shape', None)}, {len(series.z_mm)} positions")
+    if n > 1 and np.any(np.diff(np.asarray(series.z_mm, dtype=np.float64)) <= 0):
+        raise AnalysisError(f"series {series.series_instance_uid} is not sorted by slice position")
+    if min(series.pixel_spacing_mm) <= 0:
+        raise AnalysisError(f"series {series.series_instance_uid} has an invalid pixel spacing")
+
+
+# --- library API --------------------------------------------------------------------
+
+
+class Analyzer:
+    """A loaded, verified model and the pipeline that runs it. One per process or UI session.
+
+    ``analyze_series`` may be called from several threads; interpreter calls are serialised.
+    """
+
+    def __init__(self, model: str | None = None, variant: str | None = None, threads: int | None = None,
+                 batch_size: int = DEFAULT_BATCH_SIZE):
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self._loaded: LoadedModel = load_model(model, variant, threads)
+        self.card = self._loaded.card
+        self.model_ref = self._loaded.ref
+        self.threads = self._loaded.threads
+        self.batch_size = batch_size
+
+    def analyze_series(self, series: Series, progress: SliceProgress | None = None,
+                       cancel: threading.Event | None = None) -> StudyResult:
+        """Run the model on every slice of ``series`` and aggregate the study result.
+
+        Raises AnalysisError (unusable series or model output) and AnalysisCancelled.
+        """
+        _check_series(series)
+        started = time.perf_counter()
+        n, size = series.n_slices, self.batch_size
+        clock = StageClock()
+        contract = self.card.contract
+        chunks = (series.hu[i:i + size] for i in range(0, n, size))
+        # Three threads: resampling, 2.5D stacking + windowing, and (here) the interpreter.
+        resampled = _prefetched(resampled_chunks(chunks, series.pixel_spacing_mm, contract, clock))
+        batches = _prefetched(model_input_batches(resampled, series.z_mm, contract, size, clock))
+        probabilities = np.empty(n, np.float32)
+        cams = None
+        try:
+            for rows, batch in batches:
+                if cancel is not None and cancel.is_set():
+                    raise AnalysisCancelled("analysis cancelled")
+                t = time.perf_counter()
+                try:
+                    p, cam = self._loaded.tflite.predict(batch)
+                except (LiteRTError, RuntimeError, ValueError) as exc:
+                    raise AnalysisError(f"the model failed on slices {rows.start}-{rows.stop - 1}: {exc}") from exc
+                clock.inference += time.perf_counter() - t
+                if cams is None:
+                    cams = np.empty((n, *cam.shape[1:]), np.float32)
+                probabilities[rows], cams[rows] = p, cam
+                if progress is not None:
+                    progress(rows.stop, n)
+        finally:  # stop and join the producer threads now, also on error or cancel
+            batches.close()
+            resampled.close()
+        t = time.perf_counter()
+        result = build_study_result(series, probabilities, cams, self.card, self.model_ref)
+        clock.post = time.perf_counter() - t
+        result.timing_s = {**clock.timing(), "total": time.perf_counter() - started}
+        log.info("series analysed: %d slices, p=%.3f, %d findings, %.2f s", n, result.probability,
+                 len(result.findings), result.timing_s["total"])
+        return result
+
+
+def _series_location(series: Series) -> str:
+    """Where a series came from, for error entries: the common folder of its files."""
+    if not series.files:
+        return series.series_instance_uid
+    folders = {str(Path(f).parent) for f in series.files}
+    return folders.pop() if len(folders) == 1 else str(Path(series.files[0]).parent)
+
+
+def analyze_paths(
+    paths: Sequence[str | Path],
+    analyzer: Analyzer,
+    workdir: Path,
+    progress: StageProgress | None = None,
+    limits: IngestLimits | None = None,
+    cancel: threading.Event | None = None,
+) -> tuple[list[tuple[Series, StudyResult]], list[InputError]]:
+    """Ingest DICOM folders/zips/files and analyse the chosen series of every study.
+
+    Returns (series, result) pairs and the input errors (files that could not be
+    used, and series the model could not analyse). ``workdir`` is a temp dir the
+    caller owns. ``progress(stage, done, total)`` reports files read, then slices
+    analysed over all studies. The ``read`` time of each result is its share (by
+    slice count) of the ingest time.
+    """
+    read_progress = (lambda done, total: progress("read", done, total)) if progress else None
+    started = time.perf_counter()
+    ingested = ingest(paths, workdir, limits or IngestLimits(), progress=read_progress)
+    read_s = time.perf_counter() - started
+    for skipped in ingested.skipped:
+        log.info("not analysed: %s: %s", skipped.path, skipped.error)
+    errors = list(ingested.errors)
+    pairs: list[tuple[Series, StudyResult]] = []
+    total = sum(s.n_slices for s in ingested.series)
+    offset = 0
+    for series in ingested.series:
+        def slice_progress(done: int, _n: int, base: int = offset) -> None:
+            if progress is not None:
+                progress("analyze", base + done, total)
+
+        try:
+            result = analyzer.analyze_series(series, progress=slice_progress, cancel=cancel)
+        except AnalysisCancelled:
+            raise
+        except AnalysisError as exc:
+            errors.append(InputError(path=_series_location(series), error=str(exc)))
+        else:
+            share = read_s * series.n_slices / total
+            result.timing_s = {"read": share, **{k: v for k, v in result.timing_s.items() if k != "read"}}
+            result.timing_s["total"] += share
+            pairs.append((series, result))
+        offset += series.n_slices
+    return pairs, errors
+
+
+# --- the `analyze` command ------------------------------------------------------------
+
+
+class _ProgressBars:
+    """tqdm bars on stderr, one per stage, only when stderr is a terminal."""
+
+    LABELS = {"read": "reading DICOM", "analyze": "analysing slices"}
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self._bars: dict = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        bar = self._bars.get(stage)
+        if bar is None:
+            from tqdm import tqdm
+
+            for other in self._bars.values():
+                other.close()
+            unit = "file" if stage == "read" else "slice"
+            bar = self._bars[stage] = tqdm(total=total, desc=self.LABELS.get(stage, stage), unit=unit,
+                                           file=sys.stderr, leave=False)
+        bar.total = total
+        bar.update(done - bar.n)
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+
+
+def results_json(pairs: list[tuple[Series, StudyResult]], errors: list[InputError]) -> dict:
+    """The ``analyze`` output document: {"studies": [...], "errors": [{"path", "error"}]}."""
+    return {"studies": [result.to_json() for _, result in pairs],
+            "errors": [{"path": str(e.path), "error": e.error} for e in errors]}
+
+
+def _write_json(document: dict, destination: str) -> None:
+    text = json.dumps(document, indent=2) + "\n"
+    if destination == "-":
+        sys.stdout.write(text)
+        return
+    path = Path(destination)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(text)
+        partial.replace(path)
+    except OSError as exc:
+        raise AppError(f"cannot write the result to {path}: {exc.strerror or exc}") from exc
+
+
+def write_key_images(series: Series, result: StudyResult, out_dir: Path) -> list[Path]:
+    """PNG key images (bone window + heatmap, the same pictures as the DICOM key images), one per heatmap."""
+    from PIL import Image
+
+    from app.results_dicom import overlay_rgb  # highdicom/matplotlib: only loaded when images are asked for
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in sorted(result.heatmaps):
+        path = out_dir / f"slice_{index:04d}.png"
+        Image.fromarray(overlay_rgb(series.hu[index], result.heatmaps[index])).save(path)
+        paths.append(path)
+    return paths
+
+
+def _no_study_reason(errors: list[InputError], destination: str) -> str:
+    if not errors:
+        return "no analysable CT series found in the input"
+    where = "" if destination == "-" else f" in {destination}"
+    more = f" (and {len(errors) - 1} more problems; see 'errors'{where})" if len(errors) > 1 else ""
+    return f"no study analysed: {errors[0].path}: {errors[0].error}{more}"
+
+
+def analyze_cli(args) -> int:
+    """``python -m app.cli analyze``: exit 0 when at least one study was analysed.
+
+    Raises AppError (exit 2, one line on stderr) for a bad model or when nothing could be analysed.
+    """
+    analyzer = Analyzer(args.model, getattr(args, "variant", None), args.threads)
+    bars = _ProgressBars()
+    try:
+        with tempfile.TemporaryDirectory(prefix="myeloma-ct-") as workdir:
+            pairs, errors = analyze_paths(args.inputs, analyzer, Path(workdir), progress=bars)
+    finally:
+        bars.close()
+    _write_json(results_json(pairs, errors), args.json)
+    heatmap_dir = getattr(args, "heatmaps", None)
+    if heatmap_dir:
+        for series, result in pairs:
+            try:
+                write_key_images(series, result, Path(heatmap_dir) / result.series_instance_uid)
+            except OSError as exc:
+                raise AppError(f"cannot write key images to {heatmap_dir}: {exc.strerror or exc}") from exc
+    if not pairs:
+        raise NoStudyAnalysed(_no_study_reason(errors, args.json))
+    for _, result in pairs:
+        log.info("%s: probability %.3f (threshold %.2f)", result.triage_label, result.probability, result.threshold)
+    return 0

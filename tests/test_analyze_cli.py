@@ -1,0 +1,151 @@
+"""The `analyze` command contract, run as a user would: in a subprocess, on DICOM files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dicom_factory import CTSeriesSpec, ct_dataset, save, stored_values
+from model_helpers import MODEL_FILE, bone_block_volume, copy_model_folder, shared_tiny_model
+
+from app.engine import Analyzer, analyze_paths
+
+REPO = Path(__file__).resolve().parent.parent
+BLOCK_ROWS, BLOCK_COLS = (62, 108), (83, 128)  # bone_block_volume's default block
+# Runs app.cli like `python -m app.cli`, then records which TensorFlow modules were loaded.
+WRAPPER = """
+import atexit, runpy, sys
+marker, sys.argv = sys.argv[1], ["app.cli", *sys.argv[2:]]
+def record():
+    with open(marker, "w") as f:
+        f.write("\\n".join(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tf_keras", "keras")))
+atexit.register(record)
+runpy.run_module("app.cli", run_name="__main__", alter_sys=True)
+"""
+STUDY_KEYS = {"study_instance_uid", "series_instance_uid", "probability", "positive", "threshold", "model",
+              "slices", "findings", "warnings", "timing_s"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return shared_tiny_model(tmp_path_factory)
+
+
+def write_volume(folder: Path, hu: np.ndarray, study: str) -> CTSeriesSpec:
+    """Write an int16 HU volume as an axial CT series (0.75 mm pixels, 2 mm apart)."""
+    spec = CTSeriesSpec(n_slices=len(hu), rows=hu.shape[1], cols=hu.shape[2], pixel_spacing=(0.75, 0.75),
+                        slice_spacing=2.0, study=study, shuffle=False)
+    for i in range(len(hu)):
+        save(ct_dataset(spec, i, stored_values(hu[i], spec), i + 1), folder / f"{i:04d}.dcm")
+    return spec
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analyze_inputs")
+    positive = write_volume(root / "positive", bone_block_volume(), "positive")
+    negative = write_volume(root / "negative", bone_block_volume(hot_slices=range(0)), "negative")
+    (root / "notes.txt").write_text("not an image\n")
+    return root, positive, negative
+
+
+def run_cli(args: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
+    marker = tmp_path / "tf_modules.txt"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, str(marker), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    loaded = marker.read_text().split() if marker.exists() else ["<marker not written>"]
+    return proc, loaded
+
+
+def test_analyze_writes_the_contract_json_without_tensorflow(inputs, tiny_model, tmp_path):
+    root, positive, negative = inputs
+    out = tmp_path / "result.json"
+    proc, tf_modules = run_cli(["analyze", str(root / "positive"), str(root / "negative"), str(root / "notes.txt"),
+                                "--json", str(out), "--model", str(tiny_model), "--threads", "1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # no traceback, no LiteRT banner; the progress bar only appears on a terminal
+    assert tf_modules == []  # TensorFlow was never imported
+    doc = json.loads(out.read_text())
+    assert set(doc) == {"studies", "errors"}
+    assert [e["path"] for e in doc["errors"]] == [str(root / "notes.txt")]
+    assert isinstance(doc["errors"][0]["error"], str) and doc["errors"][0]["error"]
+    studies = {s["series_instance_uid"]: s for s in doc["studies"]}
+    assert set(studies) == {positive.series_uid, negative.series_uid}
+    for s in doc["studies"]:
+        assert set(s) == STUDY_KEYS
+        assert isinstance(s["probability"], float) and 0.0 <= s["probability"] <= 1.0
+        assert isinstance(s["positive"], bool) and s["threshold"] == 0.5
+        assert set(s["model"]) >= {"name", "version", "sha256"} and s["model"]["name"] == "tiny-test"
+        assert len(s["model"]["sha256"]) == 64
+        assert len(s["slices"]) == 24
+        assert set(s["slices"][0]) == {"sop_instance_uid", "z_mm", "probability"}
+        assert all(isinstance(v, float) for v in s["timing_s"].values())
+        assert set(s["timing_s"]) == {"read", "preprocess", "inference", "post", "total"}
+        assert isinstance(s["warnings"], list)
+    pos, neg = studies[positive.series_uid], studies[negative.series_uid]
+    assert pos["study_instance_uid"] == positive.study_uid
+    assert pos["positive"] and not neg["positive"] and neg["findings"] == []
+    assert [s["sop_instance_uid"] for s in pos["slices"]] == [positive.sop_uid(i) for i in range(24)]
+    (finding,) = pos["findings"]
+    assert (finding["slice_start"], finding["slice_end"]) == (10, 14)
+    assert finding["peak_sop_instance_uid"] == positive.sop_uid(finding["peak_slice"])
+    row, col = finding["center_px"]
+    assert BLOCK_ROWS[0] <= row < BLOCK_ROWS[1] and BLOCK_COLS[0] <= col < BLOCK_COLS[1]
+
+
+def test_nothing_analysable_exits_2_with_one_line_reason(inputs, tiny_model, tmp_path):
+    root, _, _ = inputs
+    proc, _ = run_cli(["analyze", str(root / "notes.txt"), "--json", "-", "--model", str(tiny_model)], tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith("error: ") and "not a DICOM file" in lines[0]
+    doc = json.loads(proc.stdout)  # --json - writes the document to stdout, even when nothing was analysed
+    assert doc == {"studies": [], "errors": [{"path": str(root / "notes.txt"), "error": doc["errors"][0]["error"]}]}
+
+
+def test_corrupt_model_exits_2_with_a_clear_reason(inputs, tiny_model, tmp_path):
+    root, _, _ = inputs
+    folder = copy_model_folder(tiny_model, tmp_path / "model")
+    (folder / MODEL_FILE).write_bytes((folder / MODEL_FILE).read_bytes()[:-10])
+    proc, _ = run_cli(["analyze", str(root / "positive"), "--json", str(tmp_path / "r.json"),
+                       "--model", str(folder)], tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert "sha256" in lines[0] and "corrupt" in lines[0]
+
+
+def test_help_explains_the_command():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    top = subprocess.run([sys.executable, "-m", "app.cli", "--help"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120)
+    sub = subprocess.run([sys.executable, "-m", "app.cli", "analyze", "--help"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert top.returncode == 0 and sub.returncode == 0
+    assert "analyze" in top.stdout and "Exit codes" in top.stdout
+    for option in ("--json", "--model", "--threads", "--variant", "--heatmaps"):
+        assert option in sub.stdout
+
+
+def test_library_api_and_key_images(inputs, tiny_model, tmp_path):
+    root, positive, _ = inputs
+    analyzer = Analyzer(str(tiny_model), threads=1)
+    pairs, errors = analyze_paths([root / "positive", root / "missing"], analyzer, tmp_path / "work")
+    assert len(pairs) == 1 and len(errors) == 1 and "missing" in errors[0].path
+    series, result = pairs[0]
+    assert series.series_instance_uid == positive.series_uid and result.positive
+    assert result.timing_s["read"] > 0 and result.timing_s["total"] >= result.timing_s["read"]
+    from app.engine import write_key_images
+
+    paths = write_key_images(series, result, tmp_path / "keys")
+    assert [p.name for p in paths] == [f"slice_{i:04d}.png" for i in sorted(result.heatmaps)]
+    from PIL import Image
+
+    assert Image.open(paths[0]).size == (128, 128)
