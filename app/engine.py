@@ -356,7 +356,7 @@ def results_json(pairs: list[tuple[Series, StudyResult]], errors: list[InputErro
             "errors": [{"path": str(e.path), "error": e.error} for e in errors]}
 
 
-def _write_json(document: dict, destination: str) -> None:
+def write_json(document: dict, destination: str) -> None:
     text = json.dumps(document, indent=2) + "\n"
     if destination == "-":
         sys.stdout.write(text)
@@ -406,7 +406,7 @@ def analyze_cli(args) -> int:
             pairs, errors = analyze_paths(args.inputs, analyzer, Path(workdir), progress=bars)
     finally:
         bars.close()
-    _write_json(results_json(pairs, errors), args.json)
+    write_json(results_json(pairs, errors), args.json)
     heatmap_dir = getattr(args, "heatmaps", None)
     if heatmap_dir:
         for series, result in pairs:

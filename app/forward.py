@@ -248,7 +248,7 @@ def _deliver_reporting_busy(outbox: Outbox, client: DicomWebClient, **kwargs) ->
 
 def forward_cli(args) -> int:
     """``python -m app.cli forward``: exit 0 when the server confirmed the case, 3 when it stays queued."""
-    from app.engine import Analyzer, _write_json, analyze_paths, results_json
+    from app.engine import Analyzer, write_json, analyze_paths, results_json
 
     settings = resolve_settings(server=args.server, user=args.user,
                                 deidentify=False if args.no_deidentify else None).require_url()
@@ -257,7 +257,7 @@ def forward_cli(args) -> int:
             open_pseudonyms() as pseudonyms:
         pairs, errors = analyze_paths([args.input], analyzer, Path(workdir))
         if args.json:
-            _write_json(results_json(pairs, errors), args.json)
+            write_json(results_json(pairs, errors), args.json)
         if not pairs:
             reason = f"{errors[0]}" if errors else "no analysable CT series found"
             raise AppError(f"nothing to forward: {reason}")

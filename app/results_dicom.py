@@ -105,8 +105,17 @@ def _source_headers(series: Series, indices: list[int]) -> dict[int, pydicom.Dat
         if ds.SOPInstanceUID != series.sop_instance_uids[i]:
             raise AppError(f"file {series.files[i].name} is not slice {i} of the analysed series "
                            "(its SOP Instance UID differs)")
+        # Patient and study attributes that are Type 2 in the result objects: highdicom copies
+        # them from the evidence, and some scanners omit them.
+        for keyword in _PATIENT_TYPE2:
+            if keyword not in ds:
+                setattr(ds, keyword, None)
         headers[i] = ds
     return headers
+
+
+_PATIENT_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                  "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
 def _model_equipment(model: ModelRef) -> hd.ContributingEquipment:

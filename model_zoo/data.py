@@ -41,8 +41,14 @@ class Augmentation:
         return cls(**d)
 
 
-def augment_hu(stack_hu: np.ndarray, aug: Augmentation, rng: np.random.Generator) -> np.ndarray:
-    """Random geometric + intensity augmentation of one 2.5D HU stack (H, W, n_offsets)."""
+LESION_MAP = "lesion_map"
+# The backbones' last feature map (and the CAM) is 1/32 of the input in each direction.
+CAM_STRIDE = 32
+
+
+def augment(stack_hu: np.ndarray, mask: np.ndarray, aug: Augmentation,
+            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random geometric + intensity augmentation of one 2.5D HU stack (H, W, n_offsets) and its lesion mask."""
     h, w, _ = stack_hu.shape
     out = stack_hu
     angle = np.deg2rad(rng.uniform(-aug.max_rotation_deg, aug.max_rotation_deg))
@@ -54,22 +60,37 @@ def augment_hu(stack_hu: np.ndarray, aug: Augmentation, rng: np.random.Generator
         offset = centre - matrix @ centre
         out = np.stack([ndimage.affine_transform(out[..., i], matrix, offset=offset, order=1, cval=AIR_HU)
                         for i in range(out.shape[-1])], axis=-1)
+        mask = ndimage.affine_transform(mask.astype(np.uint8), matrix, offset=offset, order=0, cval=0) > 0
     if aug.flip_lr and rng.random() < 0.5:
-        out = out[:, ::-1, :]
+        out, mask = out[:, ::-1, :], mask[:, ::-1]
     contrast = rng.uniform(*aug.contrast_range)
     out = out * contrast + rng.normal(0.0, aug.hu_offset_sd)
     if aug.noise_sd_max > 0:
         out = out + rng.normal(0.0, rng.uniform(0.0, aug.noise_sd_max), size=out.shape)
-    return out.astype(np.float32)
+    return out.astype(np.float32), mask
 
 
-def make_example(study: PreparedStudy, slice_index: int, contract: InputContract,
-                 aug: Augmentation | None = None, rng: np.random.Generator | None = None) -> np.ndarray:
-    """One model input (H, W, C) for one slice of a prepared study, optionally augmented."""
+def lesion_grid(mask: np.ndarray) -> np.ndarray:
+    """Lesion mask (H, W) -> (H/32, W/32, 1) float: a cell is 1 if any lesion pixel falls in it."""
+    h, w = mask.shape
+    cells = mask.reshape(h // CAM_STRIDE, CAM_STRIDE, w // CAM_STRIDE, CAM_STRIDE).any(axis=(1, 3))
+    return cells[..., None].astype(np.float32)
+
+
+def make_example(study: PreparedStudy, slice_index: int, contract: InputContract) -> np.ndarray:
+    """One model input (H, W, C) for one slice of a prepared study: exactly the app's tensor."""
+    return model_input(study.resampled_hu, study.z_mm, study.z_mm[slice_index:slice_index + 1], contract)[0]
+
+
+def make_training_pair(study: PreparedStudy, slice_index: int, contract: InputContract,
+                       aug: Augmentation | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """An (augmented) input and its lesion grid, the auxiliary localisation target."""
+    mask = study.lesion_mask[slice_index]
     if aug is None:
-        return model_input(study.resampled_hu, study.z_mm, study.z_mm[slice_index:slice_index + 1], contract)[0]
+        return make_example(study, slice_index, contract), lesion_grid(mask)
     stack = stack_25d(study.resampled_hu, study.z_mm, study.z_mm[slice_index:slice_index + 1], contract)[0]
-    return apply_windows(augment_hu(stack, aug, rng)[None], contract)[0]
+    stack, mask = augment(stack, mask, aug, rng)
+    return apply_windows(stack[None], contract)[0], lesion_grid(mask)
 
 
 def study_inputs(study: PreparedStudy, contract: InputContract) -> np.ndarray:
@@ -85,12 +106,14 @@ def labelled_slices(studies: Sequence[PreparedStudy]) -> tuple[np.ndarray, np.nd
 
 
 def make_train_dataset(studies: Sequence[PreparedStudy], contract: InputContract, batch_size: int,
-                       aug: Augmentation | None, seed: int, positive_fraction: float = 0.35) -> tf.data.Dataset:
-    """An endless, seeded stream of (image, {"probability": label}) batches.
+                       aug: Augmentation | None, seed: int, positive_fraction: float = 0.35,
+                       lesion_map: bool = True) -> tf.data.Dataset:
+    """An endless, seeded stream of (image, {"probability": label, "lesion_map": grid}) batches.
 
     Positive slices are rare, so each example is positive with ``positive_fraction``
     (class-balanced sampling); per-example augmentation seeds make the stream
-    reproducible whatever the thread order.
+    reproducible whatever the thread order. ``lesion_map=False`` drops the auxiliary target
+    (fine-tuning of a model without the auxiliary head).
     """
     positives, negatives = labelled_slices(studies)
     if len(positives) == 0 or len(negatives) == 0:
@@ -105,16 +128,22 @@ def make_train_dataset(studies: Sequence[PreparedStudy], contract: InputContract
             yield np.int64(s), np.int64(k), np.int64(seed * 1_000_003 + n)
             n += 1
 
+    grid_shape = (contract.height // CAM_STRIDE, contract.width // CAM_STRIDE, 1)
+
     def build(s, k, example_seed):
         study = studies[int(s)]
-        x = make_example(study, int(k), contract, aug, np.random.default_rng(int(example_seed)))
-        return x, np.float32(study.slice_labels[int(k)] == 1)
+        x, grid = make_training_pair(study, int(k), contract, aug, np.random.default_rng(int(example_seed)))
+        return x, grid, np.float32(study.slice_labels[int(k)] == 1)
 
     def tf_build(s, k, example_seed):
-        x, y = tf.numpy_function(build, [s, k, example_seed], [tf.float32, tf.float32])
+        x, grid, y = tf.numpy_function(build, [s, k, example_seed], [tf.float32, tf.float32, tf.float32])
         x.set_shape(contract.input_shape)
+        grid.set_shape(grid_shape)
         y.set_shape(())
-        return x, {"probability": tf.reshape(y, (1,))}
+        targets = {"probability": tf.reshape(y, (1,))}
+        if lesion_map:
+            targets[LESION_MAP] = grid
+        return x, targets
 
     spec = (tf.TensorSpec((), tf.int64),) * 3
     ds = tf.data.Dataset.from_generator(index_stream, output_signature=spec)

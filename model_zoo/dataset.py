@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path(os.environ.get("MYELOMA_CACHE", REPO_ROOT / "cache"))
 # Bump when the phantom generator or the preparation changes, so stale caches are not reused.
-PREPARATION_VERSION = "1"
+PREPARATION_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class PreparedStudy:
     z_mm: np.ndarray  # float64 (K,), increasing
     slice_labels: np.ndarray  # int8 (K,): 1 lesion, 0 none, -1 ambiguous
     truth: dict
+    lesion_mask: np.ndarray | None = None  # bool (K, H, W) on the contract grid (training supervision)
 
     @property
     def positive(self) -> bool:
@@ -67,12 +68,15 @@ def prepare_study(seed: int, index: int, n_slices: int, external: bool, contract
     study = render_study(spec)
     spacing = float(study.pixel_spacing_mm)
     resampled = resample_inplane(study.hu, (spacing, spacing), contract)
+    # The same resampling for the mask (air = -1000 outside the field of view counts as no lesion).
+    mask = resample_inplane(study.lesion_mask.astype(np.float32), (spacing, spacing), contract) >= 0.5
     return PreparedStudy(
         key=f"s{seed}_i{index}",
         resampled_hu=resampled.astype(np.float32),
         z_mm=np.asarray(study.z_mm, dtype=np.float64),
         slice_labels=np.asarray(study.slice_labels, dtype=np.int8),
         truth=study.truth(),
+        lesion_mask=mask,
     )
 
 
@@ -88,14 +92,16 @@ def _cache_dir(root: Path, contract: InputContract) -> Path:
 def _save(path: Path, study: PreparedStudy) -> None:
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, resampled_hu=study.resampled_hu, z_mm=study.z_mm, slice_labels=study.slice_labels,
-             truth=np.array(json.dumps(study.truth)))
+             truth=np.array(json.dumps(study.truth)), lesion_mask=np.packbits(study.lesion_mask, axis=-1))
     os.replace(tmp, path)
 
 
 def _load(path: Path) -> PreparedStudy:
     with np.load(path) as f:
-        return PreparedStudy(key=path.stem, resampled_hu=f["resampled_hu"], z_mm=f["z_mm"],
-                             slice_labels=f["slice_labels"], truth=json.loads(str(f["truth"])))
+        hu = f["resampled_hu"]
+        mask = np.unpackbits(f["lesion_mask"], axis=-1, count=hu.shape[-1]).astype(bool)
+        return PreparedStudy(key=path.stem, resampled_hu=hu, z_mm=f["z_mm"], slice_labels=f["slice_labels"],
+                             truth=json.loads(str(f["truth"])), lesion_mask=mask)
 
 
 def _prepare_to_cache(args: tuple) -> str:

@@ -30,7 +30,7 @@ from model_zoo.aggregation import study_probability  # noqa: E402
 from model_zoo.architectures import build_model  # noqa: E402
 from model_zoo.card import MODELS_DIR, Aggregation, ModelCard  # noqa: E402
 from model_zoo.contract import InputContract  # noqa: E402
-from model_zoo.data import Augmentation, make_train_dataset, study_inputs  # noqa: E402
+from model_zoo.data import LESION_MAP, Augmentation, make_train_dataset, study_inputs  # noqa: E402
 from model_zoo.dataset import DEFAULT_CACHE, PreparedStudy, load_split, split_specs  # noqa: E402
 from model_zoo.metrics import auc_with_ci, threshold_for_sensitivity  # noqa: E402
 
@@ -69,6 +69,20 @@ def predict_study_probabilities(model: tf_keras.Model, studies: list[PreparedStu
         prob, _cam = model.predict(study_inputs(study, contract), batch_size=batch_size, verbose=0)
         out.append(study_probability(prob[:, 0], aggregation.method, aggregation.k))
     return np.asarray(out)
+
+
+def with_lesion_map_head(model: tf_keras.Model) -> tf_keras.Model:
+    """The training view of a classifier: the same layers plus an auxiliary lesion-map head.
+
+    A 1x1 conv on the last feature map is supervised with the lesion mask at 1/32
+    resolution. Slice labels alone give a from-scratch network too weak a signal for
+    lesions of a few pixels; the auxiliary head teaches the backbone where lesions are.
+    It is used only in training: the saved and exported model is ``model``.
+    """
+    features = model.get_layer("head_dropout").input
+    lesion_map = tf_keras.layers.Conv2D(1, 1, name=LESION_MAP, dtype="float32",
+                                        bias_initializer=tf_keras.initializers.Constant(-3.0))(features)
+    return tf_keras.Model(model.input, [model.outputs[0], lesion_map], name=f"{model.name}_training")
 
 
 class StudyAUCCheckpoint(tf_keras.callbacks.Callback):
@@ -132,17 +146,21 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
     with strategy.scope():
         model = build_model(cfg["architecture"], contract.input_shape, alpha=float(cfg.get("alpha", 0.35)),
                             dropout=float(cfg.get("dropout", 0.2)), name=cfg["name"])
+        trainer = with_lesion_map_head(model)
         schedule = tf_keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=float(tcfg.get("learning_rate", 2e-3)) * 0.05,
             decay_steps=max(1, steps * epochs - int(tcfg.get("warmup_steps", 100))),
             warmup_target=float(tcfg.get("learning_rate", 2e-3)),
             warmup_steps=int(tcfg.get("warmup_steps", 100)), alpha=0.02)
         optimizer = tf_keras.optimizers.AdamW(learning_rate=schedule, weight_decay=float(tcfg.get("weight_decay", 1e-4)))
-        model.compile(optimizer=optimizer, loss={"probability": tf_keras.losses.BinaryCrossentropy()},
-                      metrics={"probability": [tf_keras.metrics.AUC(name="auc")]})
+        trainer.compile(optimizer=optimizer,
+                        loss={"probability": tf_keras.losses.BinaryCrossentropy(),
+                              LESION_MAP: tf_keras.losses.BinaryCrossentropy(from_logits=True)},
+                        loss_weights={"probability": 1.0, LESION_MAP: float(tcfg.get("lesion_map_weight", 1.0))},
+                        metrics={"probability": [tf_keras.metrics.AUC(name="auc")]})
         state = {"epoch": tf.Variable(0, dtype=tf.int64), "best_auc": tf.Variable(-1.0, dtype=tf.float64),
                  "stale": tf.Variable(0, dtype=tf.int64)}
-        ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, **state)
+        ckpt = tf.train.Checkpoint(model=trainer, optimizer=optimizer, **state)
     run_dir.mkdir(parents=True, exist_ok=True)
     manager = tf.train.CheckpointManager(ckpt, str(run_dir / "ckpt"), max_to_keep=2)
     best_path = run_dir / "best.weights.h5"
@@ -157,10 +175,10 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
     start_epoch = int(state["epoch"].numpy())
     losses: list[float] = []
     if start_epoch < epochs:
-        history = model.fit(ds, epochs=epochs, initial_epoch=start_epoch, steps_per_epoch=steps,
+        history = trainer.fit(ds, epochs=epochs, initial_epoch=start_epoch, steps_per_epoch=steps,
                             callbacks=[callback], verbose=1 if sys.stderr.isatty() else 2)
         losses = [round(float(v), 5) for v in history.history["loss"]]
-    model.load_weights(str(best_path))
+    trainer.load_weights(str(best_path))
     train_seconds = time.time() - t0
 
     val_probs = predict_study_probabilities(model, val_studies, contract, aggregation)

@@ -1,0 +1,69 @@
+"""Outbox page: forwarded cases with their delivery state, and "retry now".
+
+Everything comes from ``app.forward`` (the same calls as ``python -m app.cli outbox``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import streamlit as st
+
+from app.forward import open_outbox, retry_now
+from app.outbox import CaseInfo, CaseState, Outbox
+from app.ui.state import friendly_errors, server_settings
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+
+
+def case_rows(cases: list[CaseInfo]) -> pd.DataFrame:
+    """The outbox as a table (no patient data: the summary holds only the AI call)."""
+    return pd.DataFrame([{
+        "Case": c.case_id,
+        "Created": _when(c.created_at),
+        "State": str(c.state),
+        "On server": f"{c.n_confirmed}/{c.n_items}",
+        "Tries": c.attempts,
+        "Next try": _when(c.next_attempt_at) if c.state == CaseState.QUEUED and c.attempts else "-",
+        "Last error": (c.last_error or "") if c.state == CaseState.QUEUED else "",
+        "Result": c.summary,
+        "Destination": c.destination,
+        "De-identified": "yes" if c.deidentified else "NO (patient identity sent)",
+    } for c in cases])
+
+
+def render() -> None:
+    st.title("Outbox")
+    st.caption("Forwarded cases stay here until the server confirms every object, across app restarts.")
+    with friendly_errors():
+        _page()
+
+
+def _page() -> None:
+    with open_outbox() as outbox:
+        queued = outbox.cases(state=CaseState.QUEUED)
+        if queued:
+            labels = {c.case_id: f"{c.case_id} - {c.summary}" for c in queued}
+            case_id = st.selectbox("Queued case", list(labels), format_func=labels.__getitem__, key="outbox_case")
+            if st.button("Retry now", key="retry_now", type="primary"):
+                _retry(case_id, outbox)
+        cases = outbox.cases()  # after a retry: the table shows its effect
+    if not cases:
+        st.info("The outbox is empty. Use 'Forward for review' on a result to send a case.")
+        return
+    waiting = sum(c.state == CaseState.QUEUED for c in cases)
+    st.markdown(f"{len(cases)} case(s): **{waiting} queued**, {len(cases) - waiting} delivered.")
+    st.dataframe(case_rows(cases), hide_index=True, width="stretch")
+
+
+def _retry(case_id: str, outbox: Outbox) -> None:
+    with st.spinner("Sending…"):
+        outcome = retry_now(case_id, server_settings(), outbox)
+    if outcome.delivered:
+        st.success(f"Case {case_id} delivered: {outcome.expected} objects confirmed by the server.")
+    else:
+        st.warning(f"Case {case_id} is still queued ({outcome.confirmed}/{outcome.expected} on the "
+                   f"server): {outcome.error or 'not confirmed yet'}")
