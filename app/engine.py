@@ -1,18 +1,20 @@
 """The analysis engine: CT series in, StudyResult out, and the ``analyze`` command.
 
-Per series, three threads share the work so both CPU cores stay busy (numpy and
-the LiteRT interpreter release the GIL):
+Per series, three threads share the work so both CPU cores stay busy (numpy, file
+reads and the LiteRT interpreter release the GIL):
 
-1. resampling: the int16 slices go onto the contract grid a chunk at a time
-   (``contract.resample_inplane``);
+1. reading + resampling: the int16 slices - decoded from their files right here when
+   the series comes from ``analyze_paths`` - go onto the contract grid a chunk at a
+   time (``contract.resample_inplane``);
 2. stacking: the 2.5D, windowed model input of every slice whose neighbours are in
    (``contract.model_input``); resampled slices no later input needs are dropped;
 3. inference, in the calling thread: the interpreter runs each batch and the slice
    probabilities and CAM maps are collected.
 
-Bounded queues between the stages keep memory proportional to the batch size, not
-the series length, and the model inputs are bit-identical to
-``contract.volume_to_input`` on the whole volume.
+So reading overlaps preprocessing and inference; only the header pass (which series,
+in which order) comes first. Bounded queues between the stages keep the working
+memory proportional to the batch size, not the series length, and the model inputs
+are bit-identical to ``contract.volume_to_input`` on the whole volume.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import numpy as np
 
 from app.analysis import AnalysisError, build_study_result
 from app.domain import AppError, Series, StudyResult
-from app.ingest import IngestLimits, InputError, ingest
+from app.ingest import IngestLimits, InputError, PendingSeries, plan_ingest
 from app.runtime import LoadedModel, load_model
 from model_zoo.contract import InputContract, model_input, resample_inplane
 from model_zoo.litert import LiteRTError
@@ -102,6 +104,7 @@ def model_input_batches(
     contract: InputContract,
     batch_size: int = DEFAULT_BATCH_SIZE,
     clock: StageClock | None = None,
+    reuse: int = 0,
 ) -> Iterator[tuple[slice, np.ndarray]]:
     """Model inputs (slice range, (m, h, w, c) float32) from consecutive chunks of resampled slices.
 
@@ -109,17 +112,23 @@ def model_input_batches(
     so every batch sees exactly the neighbours the whole volume would give it, and
     resampled slices no later input needs are dropped. Batches are ``batch_size``
     long except the last.
+
+    With ``reuse`` = k > 0 the batches are written into k arrays in turn (no fresh
+    memory per batch), so a batch is overwritten k batches later: for a consumer that
+    is done with each batch before the producer can get k - 1 batches ahead of it.
     """
     clock = clock or StageClock()
     z = np.asarray(z_mm, dtype=np.float64)
     n = len(z)
     reach_below = min(0.0, *contract.z_offsets_mm)
     reach_above = max(0.0, *contract.z_offsets_mm)
-    window = np.empty((0, contract.height, contract.width), np.float32)  # slices first..loaded-1
-    first = loaded = target = 0
+    planes: list[np.ndarray] = []  # resampled slices first..loaded-1 (views into the chunks, never copied)
+    buffers = [np.empty((batch_size, contract.height, contract.width, contract.channels), np.float32)
+               for _ in range(reuse)]
+    first = loaded = target = produced = 0
     for chunk in resampled:
         started = time.perf_counter()
-        window = np.concatenate([window, chunk])
+        planes.extend(chunk)
         loaded += len(chunk)
         if loaded >= n:
             ready = n
@@ -127,7 +136,9 @@ def model_input_batches(
             ready = int(np.searchsorted(z, z[loaded - 1] - reach_above, side="left")) if loaded else 0
         while ready - target >= batch_size or (ready == n and target < n):
             stop = min(target + batch_size, n)
-            batch = model_input(window, z[first:loaded], z[target:stop], contract)
+            out = buffers[produced % reuse][:stop - target] if reuse else None
+            batch = model_input(planes, z[first:loaded], z[target:stop], contract, out=out)
+            produced += 1
             clock.stack += time.perf_counter() - started
             yield slice(target, stop), batch
             started = time.perf_counter()
@@ -135,7 +146,8 @@ def model_input_batches(
             if target < n:  # drop slices below the lower neighbour of z[target] + reach_below
                 keep = max(0, int(np.searchsorted(z, z[target] + reach_below, side="right")) - 1)
                 if keep > first:
-                    window, first = window[keep - first:], keep
+                    del planes[:keep - first]
+                    first = keep
         clock.stack += time.perf_counter() - started
     if target < n:
         raise ValueError(f"the slice source ended after {loaded} of {n} slices")
@@ -227,14 +239,45 @@ class Analyzer:
         Raises AnalysisError (unusable series or model output) and AnalysisCancelled.
         """
         _check_series(series)
+        size = self.batch_size
+        chunks = (series.hu[i:i + size] for i in range(0, series.n_slices, size))
+        return self._analyze(series, chunks, progress, cancel)
+
+    def analyze_pending(self, pending: PendingSeries, progress: SliceProgress | None = None,
+                        cancel: threading.Event | None = None) -> tuple[Series, StudyResult] | None:
+        """Decode and analyse one study's chosen series in one pipeline, so reading overlaps the work.
+
+        Returns the decoded series and its result, or None when the study has no
+        analysable series (the reason is in the plan's errors). When some files turn
+        out to be unreadable, the series without them is analysed again from memory.
+        Raises like ``analyze_series``.
+        """
+        series = pending.open()
+        if series is None:
+            pending.load()  # records why
+            return None
+        _check_series(series)
+        result = self._analyze(series, pending.decode_chunks(self.batch_size), progress, cancel)
+        decoded = pending.load()
+        if decoded is None:
+            return None
+        if decoded is not series:
+            result = self.analyze_series(decoded, progress, cancel)
+        return decoded, result
+
+    def _analyze(self, series: Series, chunks: Iterable[np.ndarray], progress: SliceProgress | None,
+                 cancel: threading.Event | None) -> StudyResult:
+        """The pipeline over ``chunks`` of ``series.hu`` (in slice order), then the study result."""
         started = time.perf_counter()
         n, size = series.n_slices, self.batch_size
         clock = StageClock()
         contract = self.card.contract
-        chunks = (series.hu[i:i + size] for i in range(0, n, size))
-        # Three threads: resampling, 2.5D stacking + windowing, and (here) the interpreter.
+        # Three threads: reading + resampling, 2.5D stacking + windowing, and (here) the interpreter.
         resampled = _prefetched(resampled_chunks(chunks, series.pixel_spacing_mm, contract, clock))
-        batches = _prefetched(model_input_batches(resampled, series.z_mm, contract, size, clock))
+        # The interpreter copies a batch in before it takes the next one, and the producer can
+        # be at most PREFETCH_DEPTH + 1 batches ahead of it: so PREFETCH_DEPTH + 2 buffers suffice.
+        batches = _prefetched(model_input_batches(resampled, series.z_mm, contract, size, clock,
+                                                  reuse=PREFETCH_DEPTH + 2))
         probabilities = np.empty(n, np.float32)
         cams = None
         try:
@@ -284,38 +327,58 @@ def analyze_paths(
 
     Returns (series, result) pairs and the input errors (files that could not be
     used, and series the model could not analyse). ``workdir`` is a temp dir the
-    caller owns. ``progress(stage, done, total)`` reports files read, then slices
-    analysed over all studies. The ``read`` time of each result is its share (by
-    slice count) of the ingest time.
+    caller owns. ``progress(stage, done, total)`` reports file headers read, then
+    slices analysed over all studies. Each study's pixels are decoded while it is
+    analysed (``Analyzer.analyze_pending``). The ``read`` time of each result is its
+    share (by slice count) of the header pass plus the time spent decoding its pixels.
     """
     read_progress = (lambda done, total: progress("read", done, total)) if progress else None
     started = time.perf_counter()
-    ingested = ingest(paths, workdir, limits or IngestLimits(), progress=read_progress)
-    read_s = time.perf_counter() - started
-    for skipped in ingested.skipped:
-        log.info("not analysed: %s: %s", skipped.path, skipped.error)
-    errors = list(ingested.errors)
+    plan = plan_ingest(paths, workdir, limits or IngestLimits(), progress=read_progress)
+    header_s = time.perf_counter() - started
+    failures: list[InputError] = []
     pairs: list[tuple[Series, StudyResult]] = []
-    total = sum(s.n_slices for s in ingested.series)
+    total = sum(pending.n_slices for pending in plan.studies)
     offset = 0
-    for series in ingested.series:
+    for pending in plan.studies:
         def slice_progress(done: int, _n: int, base: int = offset) -> None:
             if progress is not None:
                 progress("analyze", base + done, total)
 
         try:
-            result = analyzer.analyze_series(series, progress=slice_progress, cancel=cancel)
+            outcome = _analyze_study(analyzer, pending, slice_progress, cancel)
         except AnalysisCancelled:
             raise
         except AnalysisError as exc:
-            errors.append(InputError(path=_series_location(series), error=str(exc)))
+            failures.append(InputError(path=_series_location(pending.series), error=str(exc)))
         else:
-            share = read_s * series.n_slices / total
-            result.timing_s = {"read": share, **{k: v for k, v in result.timing_s.items() if k != "read"}}
-            result.timing_s["total"] += share
-            pairs.append((series, result))
-        offset += series.n_slices
-    return pairs, errors
+            if outcome is not None:
+                series, result = outcome
+                share = header_s * series.n_slices / max(total, 1)
+                result.timing_s["read"] += share
+                result.timing_s["total"] += share
+                pairs.append(outcome)
+        offset += pending.n_slices
+    for skipped in plan.result.skipped:
+        log.info("not analysed: %s: %s", skipped.path, skipped.error)
+    return pairs, list(plan.result.errors) + failures
+
+
+def _analyze_study(analyzer: Analyzer, pending: PendingSeries, progress: SliceProgress,
+                   cancel: threading.Event | None) -> tuple[Series, StudyResult] | None:
+    """One study: streamed when the analyzer offers ``analyze_pending``, else decoded first
+    (a wrapper such as the UI's turn-taking analyzer may offer ``analyze_series`` only)."""
+    if hasattr(analyzer, "analyze_pending"):
+        return analyzer.analyze_pending(pending, progress=progress, cancel=cancel)
+    started = time.perf_counter()
+    series = pending.load()
+    if series is None:
+        return None
+    decode_s = time.perf_counter() - started
+    result = analyzer.analyze_series(series, progress=progress, cancel=cancel)
+    result.timing_s["read"] += decode_s
+    result.timing_s["total"] += decode_s
+    return series, result
 
 
 # --- the `analyze` command ------------------------------------------------------------

@@ -15,9 +15,15 @@ The steps, in order:
    (bone) kernel, then the thinnest slices, then the most slices;
 5. pixels: only the chosen series is decoded, straight into one int16 HU array,
    with RescaleSlope / RescaleIntercept applied per slice. Uncompressed pixels
-   are read at the offset the header pass found (no second header parse);
-   JPEG / JPEG-LS / JPEG 2000 / RLE go through pydicom and its pylibjpeg /
-   pyjpegls plugins, after the codestream's own image size is checked.
+   are read at the offset the header pass found (no second header parse; 16-bit
+   little-endian values straight into the array); JPEG / JPEG-LS / JPEG 2000 /
+   RLE go through pydicom and its pylibjpeg / pyjpegls plugins, after the
+   codestream's own image size is checked.
+
+``ingest`` does all five steps. ``plan_ingest`` stops after step 4 and returns one
+``PendingSeries`` per study, which decodes step 5 later: all at once (``load``) or
+chunk by chunk (``decode_chunks``), so the analysis can start on the first slices
+while later files are still being read.
 
 Slices with uneven spacing are kept as acquired (their SOP Instance UIDs stay
 valid for results); ``model_zoo.contract.stack_25d`` interpolates along
@@ -37,6 +43,7 @@ import math
 import os
 import re
 import struct
+import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -76,7 +83,8 @@ from app.archive import (
 )
 from app.domain import AppError, Series
 
-__all__ = ["DEFAULT_LIMITS", "IngestError", "IngestLimits", "IngestResult", "InputError", "ingest", "kernel_sharpness"]
+__all__ = ["DEFAULT_LIMITS", "IngestError", "IngestLimits", "IngestPlan", "IngestResult", "InputError", "PendingSeries",
+           "ingest", "kernel_sharpness", "plan_ingest"]
 
 log = logging.getLogger(__name__)
 
@@ -189,25 +197,48 @@ def ingest(inputs: Sequence[str | os.PathLike], workdir: Path, limits: IngestLim
     ``total`` is first an estimate (every file read twice) and becomes exact once
     the series to decode are known. Never raises for bad input.
     """
+    plan = _plan(inputs, workdir, limits, _Progress(progress, total=0), decode_progress=True)
+    for pending in plan.studies:
+        series = pending.load()
+        if series is not None:
+            plan.result.series.append(series)
+    log.info("ingest: %d series chosen, %d errors, %d skipped",
+             len(plan.result.series), len(plan.result.errors), len(plan.result.skipped))
+    return plan.result
+
+
+def plan_ingest(inputs: Sequence[str | os.PathLike], workdir: Path, limits: IngestLimits = DEFAULT_LIMITS,
+                progress: Callable[[int, int], None] | None = None) -> IngestPlan:
+    """The header pass of ``ingest``: find, check, group, sort and choose; decode no pixels.
+
+    Each ``IngestPlan.studies`` entry decodes its study's series when asked
+    (``PendingSeries.load``, or chunk by chunk with ``decode_chunks``), so a caller
+    can start analysing the first slices while later files are still being read.
+    ``progress(done, total)`` is called after each file's header. Never raises for bad input.
+    """
+    return _plan(inputs, workdir, limits, _Progress(progress, total=0), decode_progress=False)
+
+
+def _plan(inputs: Sequence[str | os.PathLike], workdir: Path, limits: IngestLimits, ticker: _Progress,
+          decode_progress: bool) -> IngestPlan:
+    """Discovery, headers and series choice. With ``decode_progress`` the ticker's total
+    counts every file twice (headers, then pixels) and decoding ticks it too."""
     if isinstance(inputs, str | os.PathLike):  # one path, not a sequence of characters
         inputs = [inputs]
     with _quiet_pydicom():
         found = discover_inputs(inputs, Path(workdir), limits)
         result = IngestResult(series=[], errors=list(found.errors), skipped=[])
-        ticker = _Progress(progress, total=2 * len(found.files))
+        ticker.total = (2 if decode_progress else 1) * len(found.files)
         headers = _read_headers(found.files, limits, result, ticker)
         grouped: dict[str, dict[str, list[_Header]]] = defaultdict(lambda: defaultdict(list))
         for h in headers:
             grouped[h.study_uid][h.series_uid].append(h)
         studies = [_rank_study(series, limits, result) for series in grouped.values()]
+    if decode_progress:
         ticker.total = ticker.done + sum(len(s.candidates[0].headers) for s in studies if s.candidates)
-        for study in studies:
-            series = _load_best(study, limits, result, ticker)
-            if series is not None:
-                result.series.append(series)
-    log.info("ingest: %d series chosen, %d errors, %d skipped",
-             len(result.series), len(result.errors), len(result.skipped))
-    return result
+    else:
+        ticker = _Progress(None, total=0)
+    return IngestPlan(studies=[PendingSeries(study, limits, result, ticker) for study in studies], result=result)
 
 
 @contextmanager
@@ -522,25 +553,97 @@ def _rank_study(series: dict[str, list[_Header]], limits: IngestLimits, result: 
     return study
 
 
-def _load_best(study: _Study, limits: IngestLimits, result: IngestResult, ticker: _Progress) -> Series | None:
-    """Decode the best candidate; when too many of its files fail, fall back to the next one."""
-    for i, candidate in enumerate(study.candidates):
-        if i:
-            ticker.total += len(candidate.headers)
-        try:
-            series = _load_series(candidate, limits, result, ticker)
-        except _Rejected as exc:
-            reason = f"{_describe(candidate)}: {exc}"
-            result.skipped.append(InputError(_where(candidate.headers), reason))
-            study.rejected.append(reason)
-            continue
-        others = study.candidates[i + 1:]
-        series.selection_reason = _selection_reason(candidate, others)
-        result.skipped.extend(InputError(_where(o.headers), _not_chosen_reason(o, candidate)) for o in others)
-        return series
-    reasons = "; ".join(study.rejected)
-    result.errors.append(InputError(_where(study.headers), f"no analysable axial CT series in this study ({reasons})"))
-    return None
+@dataclass
+class IngestPlan:
+    """The header pass's findings: one PendingSeries per study, in input order.
+
+    ``result`` collects the errors and skipped inputs, now and while the studies
+    are decoded; its ``series`` list is only filled by ``ingest``.
+    """
+
+    studies: list[PendingSeries]
+    result: IngestResult
+
+
+class PendingSeries:
+    """The analysable series of one study, best first, before any pixel is decoded.
+
+    ``load()`` decodes the best series - falling back to the next one when too many
+    of its files cannot be decoded - and returns it, or None when the study has no
+    analysable series (the reasons go to the plan's result). Call it once.
+
+    Streaming: ``open()`` returns the best series with its pixel array allocated but
+    not yet filled and ``decode_chunks`` fills it in slice order, so a consumer can
+    work on the first slices while later files are read. ``load()`` afterwards
+    returns that same Series object when every slice was readable, else a new one.
+    One thread at a time.
+    """
+
+    def __init__(self, study: _Study, limits: IngestLimits, result: IngestResult, ticker: _Progress):
+        self._study = study
+        self._limits = limits
+        self._result = result
+        self._ticker = ticker
+        self._decoding: _Decoding | None = None
+        self.series: Series | None = None  # the series handed out last, by open() or load()
+
+    @property
+    def n_slices(self) -> int:
+        """Slices of the best series (0 when there is none)."""
+        return len(self._study.candidates[0].headers) if self._study.candidates else 0
+
+    def open(self) -> Series | None:
+        """The best series, its ``hu`` being filled by ``decode_chunks``; None when the study has none."""
+        if not self._study.candidates:
+            return None
+        self.series = self._first().complete
+        self.series.selection_reason = _selection_reason(self._study.candidates[0], self._study.candidates[1:])
+        return self.series
+
+    def decode_chunks(self, size: int) -> Iterator[np.ndarray]:
+        """Decode the best series ``size`` slices at a time; yield each chunk of its ``hu`` once filled.
+
+        A slice that cannot be decoded is recorded as an error and holds zeros; ``load()``
+        then drops it (and returns a Series other than ``open()``'s).
+        """
+        decoding = self._first()
+        n = len(decoding.hu)
+        for start in range(0, n, size):
+            stop = min(start + size, n)
+            decoding.decode(stop)
+            yield decoding.hu[start:stop]
+
+    def load(self) -> Series | None:
+        """Decode what is left and return the series to analyse; None when nothing in the study can be."""
+        study = self._study
+        for i, candidate in enumerate(study.candidates):
+            if i:
+                self._ticker.total += len(candidate.headers)
+            decoding = self._first() if i == 0 else _Decoding(candidate, self._limits, self._result, self._ticker)
+            decoding.decode(len(candidate.headers))
+            try:
+                series = decoding.series(self._limits)
+            except _Rejected as exc:
+                reason = f"{_describe(candidate)}: {exc}"
+                self._result.skipped.append(InputError(_where(candidate.headers), reason))
+                study.rejected.append(reason)
+                self._decoding = None  # its pixels are not needed any more
+                continue
+            others = study.candidates[i + 1:]
+            series.selection_reason = _selection_reason(candidate, others)
+            self._result.skipped.extend(InputError(_where(o.headers), _not_chosen_reason(o, candidate))
+                                        for o in others)
+            self.series = series
+            return series
+        reasons = "; ".join(study.rejected)
+        self._result.errors.append(InputError(_where(study.headers),
+                                              f"no analysable axial CT series in this study ({reasons})"))
+        return None
+
+    def _first(self) -> _Decoding:
+        if self._decoding is None:
+            self._decoding = _Decoding(self._study.candidates[0], self._limits, self._result, self._ticker)
+        return self._decoding
 
 
 def _evaluate_series(headers: list[_Header], limits: IngestLimits) -> _Candidate:
@@ -714,31 +817,63 @@ def _where(headers: list[_Header]) -> str:
 
 # --- pixels --------------------------------------------------------------------------------------
 
-def _load_series(c: _Candidate, limits: IngestLimits, result: IngestResult, ticker: _Progress) -> Series:
-    """Decode the candidate into int16 HU; unreadable slices become errors (and maybe a gap)."""
-    first = c.first
-    hu = np.empty((len(c.headers), first.rows, first.cols), dtype=np.int16)
-    kept: list[int] = []
-    for i, h in enumerate(c.headers):
-        try:
-            _decode_into(h, hu[len(kept)])
-        except IngestError as exc:
-            result.errors.append(InputError(h.file.display, str(exc)))
-        except Exception as exc:  # one odd file must not stop the others
-            result.errors.append(InputError(h.file.display, _UNEXPECTED))
-            log.debug("unexpected %s decoding pixels", type(exc).__name__, exc_info=True)
-        else:
-            kept.append(i)
-        ticker.tick()
-    headers = [c.headers[i] for i in kept]
-    z_mm = c.z_mm[kept]
-    warnings_ = list(c.warnings)
-    lost = len(c.headers) - len(kept)
-    if lost:
+class _Decoding:
+    """One candidate series being decoded, slice i into ``hu[i]``, in slice order."""
+
+    def __init__(self, candidate: _Candidate, limits: IngestLimits, result: IngestResult, ticker: _Progress):
+        first = candidate.first
+        self.candidate = candidate
+        self.hu = np.empty((len(candidate.headers), first.rows, first.cols), dtype=np.int16)
+        self.failed: list[int] = []
+        self.done = 0
+        # The series as it is when every slice decodes (``hu`` fills as decoding goes on).
+        self.complete = _series(candidate, candidate.headers, candidate.z_mm, self.hu,
+                                list(candidate.warnings) + _spacing_warnings(candidate.z_mm, limits))
+        self._result = result
+        self._ticker = ticker
+
+    def decode(self, stop: int) -> None:
+        """Decode the slices up to ``stop``; an unreadable slice becomes an error (and is dropped later)."""
+        with _quiet_pydicom():
+            for i in range(self.done, min(stop, len(self.hu))):
+                h = self.candidate.headers[i]
+                try:
+                    _decode_into(h, self.hu[i])
+                except IngestError as exc:
+                    self._failed(i, InputError(h.file.display, str(exc)))
+                except Exception as exc:  # one odd file must not stop the others
+                    self._failed(i, InputError(h.file.display, _UNEXPECTED))
+                    log.debug("unexpected %s decoding pixels", type(exc).__name__, exc_info=True)
+                self.done = i + 1
+                self._ticker.tick()
+
+    def _failed(self, i: int, error: InputError) -> None:
+        self._result.errors.append(error)
+        self.failed.append(i)
+        self.hu[i] = 0  # a defined value until the slice is dropped
+
+    def series(self, limits: IngestLimits) -> Series:
+        """The decoded series without the unreadable slices; raises _Rejected when too few are left."""
+        if not self.failed:
+            return self.complete
+        c = self.candidate
+        failed = set(self.failed)
+        kept = [i for i in range(len(c.headers)) if i not in failed]
+        _check_size(len(kept), c.first, limits)
+        for j, i in enumerate(kept):  # close the holes in place: no second volume in memory
+            if i != j:
+                self.hu[j] = self.hu[i]
+        lost = len(self.failed)
+        z_mm = c.z_mm[kept]
+        warnings_ = list(c.warnings)
         warnings_.append(f"{lost} slice{'s' if lost > 1 else ''} could not be read (see errors)")
-        _check_size(len(headers), first, limits)
-        hu = hu[: len(kept)]
-    warnings_.extend(_spacing_warnings(z_mm, limits))
+        warnings_.extend(_spacing_warnings(z_mm, limits))
+        return _series(c, [c.headers[i] for i in kept], z_mm, self.hu[:len(kept)], warnings_)
+
+
+def _series(c: _Candidate, headers: list[_Header], z_mm: np.ndarray, hu: np.ndarray,
+            warnings_: list[str]) -> Series:
+    first = c.first
     return Series(
         study_instance_uid=first.study_uid,
         series_instance_uid=first.series_uid,
@@ -762,12 +897,13 @@ def _decode_into(h: _Header, out: np.ndarray) -> None:
     """Decode one slice and write it as int16 HU into ``out`` (rows, cols).
 
     The file is not parsed again: the Pixel Data value is read at the offset the
-    header pass found and handed to pydicom's decoder with the header's image
-    description (pylibjpeg / pyjpegls plugins for compressed syntaxes).
+    header pass found. Little-endian 16-bit uncompressed values (most CT) are read
+    straight into ``out``; other encodings go to pydicom's decoder with the header's
+    image description (pylibjpeg / pyjpegls plugins for compressed syntaxes).
     """
     try:
         with open(h.file.path, "rb") as fp:
-            pixels = _read_pixels(fp, h, _decoder(h.transfer_syntax))
+            pixels = _read_pixels(fp, h, _decoder(h.transfer_syntax), out)
     except OSError as exc:
         raise IngestError(f"cannot be read ({exc.strerror or 'I/O error'})") from None
     if pixels.shape != (h.rows, h.cols):
@@ -788,7 +924,8 @@ def _decoder(transfer_syntax: str) -> Decoder:
     return decoder
 
 
-def _read_pixels(fp: BinaryIO, h: _Header, decoder: Decoder) -> np.ndarray:
+def _read_pixels(fp: BinaryIO, h: _Header, decoder: Decoder, out: np.ndarray) -> np.ndarray:
+    """The stored values of one slice; a view of ``out`` when they could be read into it."""
     syntax = decoder.UID
     description = {"rows": h.rows, "columns": h.cols, "samples_per_pixel": 1, "number_of_frames": 1,
                    "bits_allocated": h.bits_allocated, "bits_stored": h.bits_stored,
@@ -801,6 +938,8 @@ def _read_pixels(fp: BinaryIO, h: _Header, decoder: Decoder) -> np.ndarray:
             available = os.fstat(fp.fileno()).st_size - fp.tell()
             if length == _UNDEFINED_LENGTH or min(length, available) < needed:
                 raise IngestError("has truncated pixel data")
+            if _reads_in_place(syntax, h, out):
+                return _read_stored_into(fp, h, out)
             pixels, _ = decoder.as_array(fp, pixel_keyword="PixelData", **description)
         else:
             encapsulated = fp.read()
@@ -813,6 +952,29 @@ def _read_pixels(fp: BinaryIO, h: _Header, decoder: Decoder) -> np.ndarray:
     except Exception:  # decoders raise many types for damaged data
         raise IngestError(f"has truncated or damaged pixel data ({syntax.name})") from None
     return pixels
+
+
+def _reads_in_place(syntax: UID, h: _Header, out: np.ndarray) -> bool:
+    """Whether the stored values are the bytes of ``out`` as they are: 16-bit little endian on a
+    little-endian machine."""
+    return (syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) and h.bits_allocated == 16
+            and sys.byteorder == "little" and out.dtype == np.int16 and out.flags.c_contiguous)
+
+
+def _read_stored_into(fp: BinaryIO, h: _Header, out: np.ndarray) -> np.ndarray:
+    """Read 16-bit stored values into ``out``'s memory, without a temporary array.
+
+    Bits above BitsStored are corrected as pydicom does: shifted out and back, which
+    clears them for unsigned values and sign-extends signed ones.
+    """
+    stored = out.view(np.int16 if h.signed else np.uint16)
+    if fp.readinto(memoryview(stored).cast("B")) != stored.nbytes:
+        raise IngestError("has truncated pixel data")
+    unused = h.bits_allocated - h.bits_stored
+    if unused:
+        np.left_shift(stored, unused, out=stored)
+        np.right_shift(stored, unused, out=stored)
+    return stored
 
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF

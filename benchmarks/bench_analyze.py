@@ -14,8 +14,10 @@ timed once per pair as well. The floor is reading and decoding the same files
 with pydicom alone (``dcmread`` + ``pixel_array``), median of ``--repeats``; files
 are in the page cache for both (a warm-up read comes first).
 
-Stages overlap (a producer thread prepares model inputs while the interpreter
-runs), so stage times may add up to more than the wall time.
+Stages overlap (producer threads decode the files and prepare model inputs while
+the interpreter runs), so stage times may add up to more than the wall time.
+``read`` is the header pass (every file, before anything else can start) plus
+the pixel decoding, which runs inside the pipeline.
 """
 
 from __future__ import annotations
@@ -178,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
               + f" | {r['peak_rss_mb']:.0f} | {r['cli_s']:.2f} | {r['probability']} |")
     print("\n`analyze s`: median wall time of `app.engine.analyze_paths` with the model loaded (the ratio's "
           "numerator); `CPU s`: the process CPU time of that run (all threads), the fairer measure on a busy "
-          "machine. Stage columns are busy times; stages overlap, so they can add up to more than the wall.")
+          "machine. Stage columns are busy times; stages overlap, so they can add up to more than the wall "
+          "(`read` = header pass + pixel decoding, the latter inside the pipeline).")
     return 0
 
 

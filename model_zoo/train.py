@@ -88,16 +88,20 @@ def with_lesion_map_head(model: tf_keras.Model) -> tf_keras.Model:
 class StudyAUCCheckpoint(tf_keras.callbacks.Callback):
     """Validation study AUC each epoch; keeps the best weights, stops early, saves resumable state."""
 
-    def __init__(self, val: list[PreparedStudy], contract: InputContract, aggregation: Aggregation,
-                 manager: tf.train.CheckpointManager, state: dict, best_path: Path, patience: int, deadline: float):
+    def __init__(self, model: tf_keras.Model, trained: tf_keras.Model, val: list[PreparedStudy],
+                 contract: InputContract, aggregation: Aggregation, manager: tf.train.CheckpointManager,
+                 state: dict, best_path: Path, patience: int, deadline: float):
         super().__init__()
+        self.full, self.trained = model, trained
         self.val, self.contract, self.aggregation = val, contract, aggregation
         self.manager, self.state, self.best_path = manager, state, best_path
         self.patience, self.deadline = patience, deadline
         self.y = np.array([int(s.positive) for s in val])
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        probs = predict_study_probabilities(self.model, self.val, self.contract, self.aggregation)
+        if self.trained is not self.full:
+            self.full.set_weights(self.trained.get_weights())
+        probs = predict_study_probabilities(self.full, self.val, self.contract, self.aggregation)
         auc = auc_with_ci(self.y, probs, n_boot=200).value
         if logs is not None:
             logs["val_study_auc"] = auc
@@ -106,7 +110,7 @@ class StudyAUCCheckpoint(tf_keras.callbacks.Callback):
         if improved:
             self.state["best_auc"].assign(auc)
             self.state["stale"].assign(0)
-            self.model.save_weights(str(self.best_path))
+            self.full.save_weights(str(self.best_path))
         else:
             self.state["stale"].assign_add(1)
         self.manager.save()
@@ -141,12 +145,18 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
     batch = int(tcfg.get("batch_size", 32)) * strategy.num_replicas_in_sync
     steps = int(tcfg.get("steps_per_epoch", 200))
     epochs = int(tcfg.get("epochs", 10))
+    crop = tuple(tcfg["crop"]) if tcfg.get("crop") else None
     ds = make_train_dataset(train_studies, contract, batch, Augmentation.from_dict(cfg.get("augmentation", {})),
-                            seed=seed, positive_fraction=float(tcfg.get("positive_fraction", 0.35)))
+                            seed=seed, positive_fraction=float(tcfg.get("positive_fraction", 0.35)), crop=crop)
     with strategy.scope():
-        model = build_model(cfg["architecture"], contract.input_shape, alpha=float(cfg.get("alpha", 0.35)),
-                            dropout=float(cfg.get("dropout", 0.2)), name=cfg["name"])
-        trainer = with_lesion_map_head(model)
+        def build(shape):
+            return build_model(cfg["architecture"], shape, alpha=float(cfg.get("alpha", 0.35)),
+                               dropout=float(cfg.get("dropout", 0.2)), name=cfg["name"])
+
+        # The same layers at the contract size (validation, export) and at the crop size (training).
+        model = build(contract.input_shape)
+        trained = build((*crop, contract.channels)) if crop else model
+        trainer = with_lesion_map_head(trained)
         schedule = tf_keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=float(tcfg.get("learning_rate", 2e-3)) * 0.05,
             decay_steps=max(1, steps * epochs - int(tcfg.get("warmup_steps", 100))),
@@ -170,7 +180,7 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
     elif resume:
         log.info("nothing to resume in %s; starting fresh", run_dir)
     deadline = t0 + 60 * max_minutes if max_minutes else float("inf")
-    callback = StudyAUCCheckpoint(val_studies, contract, aggregation, manager, state, best_path,
+    callback = StudyAUCCheckpoint(model, trained, val_studies, contract, aggregation, manager, state, best_path,
                                   int(tcfg.get("patience", 4)), deadline)
     start_epoch = int(state["epoch"].numpy())
     losses: list[float] = []
@@ -178,7 +188,7 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
         history = trainer.fit(ds, epochs=epochs, initial_epoch=start_epoch, steps_per_epoch=steps,
                             callbacks=[callback], verbose=1 if sys.stderr.isatty() else 2)
         losses = [round(float(v), 5) for v in history.history["loss"]]
-    trainer.load_weights(str(best_path))
+    model.load_weights(str(best_path))
     train_seconds = time.time() - t0
 
     val_probs = predict_study_probabilities(model, val_studies, contract, aggregation)

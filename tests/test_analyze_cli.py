@@ -13,7 +13,9 @@ import pytest
 from dicom_factory import CTSeriesSpec, ct_dataset, save, stored_values
 from model_helpers import MODEL_FILE, bone_block_volume, copy_model_folder, shared_tiny_model
 
+import app.ingest
 from app.engine import Analyzer, analyze_paths
+from app.ingest import ingest
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCK_ROWS, BLOCK_COLS = (62, 108), (83, 128)  # bone_block_volume's default block
@@ -149,3 +151,65 @@ def test_library_api_and_key_images(inputs, tiny_model, tmp_path):
     from PIL import Image
 
     assert Image.open(paths[0]).size == (128, 128)
+
+
+# --- reading overlaps the analysis --------------------------------------------------------------
+
+
+def _slice_results(result):
+    return [(s.sop_instance_uid, s.probability) for s in result.slices], [f.to_json() for f in result.findings]
+
+
+class SeriesOnlyAnalyzer:
+    """What the UI's turn-taking wrapper offers: ``analyze_series`` (no streaming)."""
+
+    def __init__(self, analyzer: Analyzer):
+        self._analyzer = analyzer
+        self.card, self.model_ref = analyzer.card, analyzer.model_ref
+
+    def analyze_series(self, series, progress=None, cancel=None):
+        return self._analyzer.analyze_series(series, progress=progress, cancel=cancel)
+
+
+def test_decoding_streams_into_the_analysis_with_the_same_results(tiny_model, tmp_path, monkeypatch):
+    write_volume(tmp_path / "long", bone_block_volume(n_slices=48, hot_slices=range(20, 25)), "long")
+    analyzer = Analyzer(str(tiny_model), threads=1, batch_size=4)
+    decoded = []
+    real_decode = app.ingest._decode_into
+    monkeypatch.setattr(app.ingest, "_decode_into", lambda h, out: (decoded.append(h), real_decode(h, out)))
+    first_analysed = []
+
+    def progress(stage, done, total):
+        if stage == "analyze" and not first_analysed:
+            first_analysed.append(len(decoded))
+
+    pairs, errors = analyze_paths([tmp_path / "long"], analyzer, tmp_path / "work", progress=progress)
+    assert errors == [] and len(decoded) == 48
+    # Bounded queues: at most 8 chunks of 4 slices are read before the first batch is analysed.
+    assert first_analysed[0] <= 32
+    series, streamed = pairs[0]
+    expected = analyzer.analyze_series(ingest([tmp_path / "long"], tmp_path / "work2").series[0])
+    assert _slice_results(streamed) == _slice_results(expected)
+    assert [(f.slice_start, f.slice_end) for f in streamed.findings] == [(20, 24)]
+    assert streamed.timing_s["read"] > 0 and streamed.timing_s["total"] >= streamed.timing_s["read"]
+    fallback_pairs, _ = analyze_paths([tmp_path / "long"], SeriesOnlyAnalyzer(analyzer), tmp_path / "work3")
+    assert _slice_results(fallback_pairs[0][1]) == _slice_results(expected)
+
+
+def test_a_file_unreadable_during_streaming_is_left_out_and_reported(inputs, tiny_model, tmp_path):
+    root, positive, _ = inputs
+    folder = tmp_path / "positive"
+    folder.mkdir()
+    for f in (root / "positive").iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    damaged = folder / "0012.dcm"  # slice 12 of 24, inside the bone block
+    damaged.write_bytes(damaged.read_bytes()[:-500])
+    analyzer = Analyzer(str(tiny_model), threads=1)
+    pairs, errors = analyze_paths([folder], analyzer, tmp_path / "work")
+    assert [e.path for e in errors] == [str(damaged)] and "truncated" in errors[0].error
+    series, result = pairs[0]
+    assert series.n_slices == 23 and positive.sop_uid(12) not in series.sop_instance_uids
+    assert "1 slice could not be read (see errors)" in result.warnings
+    expected = analyzer.analyze_series(ingest([folder], tmp_path / "work2").series[0])
+    assert _slice_results(result) == _slice_results(expected)
+    assert [(f.slice_start, f.slice_end) for f in result.findings] == [(10, 13)]  # 5 hot slices, one lost

@@ -21,7 +21,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from app.ingest import DEFAULT_LIMITS, IngestLimits, ingest, kernel_sharpness
+import app.ingest
+from app.ingest import DEFAULT_LIMITS, IngestLimits, ingest, kernel_sharpness, plan_ingest
 
 LOSSLESS = [RLELossless, JPEGLSLossless, JPEG2000Lossless, JPEGLosslessSV1, ExplicitVRBigEndian]
 
@@ -366,3 +367,68 @@ def test_uneven_spacing_is_warned_and_kept_as_acquired(tmp_path):
     assert_matches(series, written)
     assert series.warnings == ["slice spacing is not uniform (1.0 to 1.3 mm, mostly 1.0 mm); "
                                "slices are interpolated along z"]
+
+
+# --- planning first, decoding later (the analysis pipeline reads while it works) ---------------
+
+def _same_result(a, b) -> None:
+    assert [str(e) for e in a.errors] == [str(e) for e in b.errors]
+    assert [str(e) for e in a.skipped] == [str(e) for e in b.skipped]
+
+
+def test_plan_decodes_nothing_until_asked_then_streams_in_slice_order(tmp_path, monkeypatch):
+    written = write_series(tmp_path / "in" / "a", CTSeriesSpec(n_slices=12))
+    write_series(tmp_path / "in" / "b", CTSeriesSpec(n_slices=10, study="study-2", series_number=3))
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    decoded = []
+    real_decode = app.ingest._decode_into
+    monkeypatch.setattr(app.ingest, "_decode_into", lambda h, out: (decoded.append(h.sop_uid), real_decode(h, out)))
+    calls = []
+    plan = plan_ingest([tmp_path / "in"], tmp_path / "work", progress=lambda done, total: calls.append((done, total)))
+    assert decoded == [] and calls[-1] == (23, 23)  # headers only, every file once
+    assert [p.n_slices for p in plan.studies] == [12, 10]
+    pending = plan.studies[0]
+    opened = pending.open()
+    assert opened.sop_instance_uids == written.sorted_sops and opened.hu.shape == (12, 64, 64)
+    chunks = pending.decode_chunks(5)
+    first = next(chunks)
+    assert decoded == written.sorted_sops[:5]  # one chunk decoded, no more
+    np.testing.assert_array_equal(first, written.sorted_hu[:5])
+    assert [len(c) for c in chunks] == [5, 2]
+    assert pending.load() is opened  # every slice was readable: the streamed series is the result
+    assert_matches(opened, written)
+    second = plan.studies[1].load()
+    reference = run(tmp_path, tmp_path / "in")
+    for got, want in zip([opened, second], reference.series, strict=True):
+        np.testing.assert_array_equal(got.hu, want.hu)
+        assert (got.sop_instance_uids, got.warnings, got.selection_reason) == (
+            want.sop_instance_uids, want.warnings, want.selection_reason)
+    _same_result(plan.result, reference)
+
+
+def test_a_slice_unreadable_while_streaming_is_dropped_from_the_loaded_series(tmp_path):
+    written = write_series(tmp_path / "in", CTSeriesSpec(n_slices=12))
+    damaged = written.paths[written.order[4]]  # the fifth slice along z
+    damaged.write_bytes(damaged.read_bytes()[:-1000])
+    plan = plan_ingest([tmp_path / "in"], tmp_path / "work")
+    pending = plan.studies[0]
+    opened = pending.open()
+    assert sum(len(c) for c in pending.decode_chunks(4)) == 12
+    series = pending.load()
+    assert series is not opened and series.n_slices == 11
+    assert written.sorted_sops[4] not in series.sop_instance_uids
+    np.testing.assert_array_equal(series.hu, np.delete(written.sorted_hu, 4, axis=0))
+    assert "1 slice could not be read (see errors)" in series.warnings
+    assert [e.path for e in plan.result.errors] == [str(damaged)]
+    reference = run(tmp_path, tmp_path / "in")
+    np.testing.assert_array_equal(series.hu, reference.series[0].hu)
+    assert series.warnings == reference.series[0].warnings
+    _same_result(plan.result, reference)
+
+
+def test_study_without_an_analysable_series_is_explained_when_loaded(tmp_path):
+    write_series(tmp_path / "in", CTSeriesSpec(image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")))
+    plan = plan_ingest([tmp_path / "in"], tmp_path / "work")
+    pending = plan.studies[0]
+    assert pending.n_slices == 0 and pending.open() is None and pending.load() is None
+    assert "no analysable axial CT series" in plan.result.errors[0].error

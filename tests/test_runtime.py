@@ -182,13 +182,15 @@ def _uneven_volume(n=23, seed=1):
     return hu, z
 
 
-@pytest.mark.parametrize("batch_size", [1, 3, 8, 64])
-def test_streamed_inputs_equal_the_whole_volume_contract(batch_size):
+@pytest.mark.parametrize(("batch_size", "reuse"), [(1, 0), (3, 0), (8, 0), (64, 0), (3, 2), (1, 4)])
+def test_streamed_inputs_equal_the_whole_volume_contract(batch_size, reuse):
     hu, z = _uneven_volume()
     contract = InputContract(height=32, width=32, z_offsets_mm=(-2.0, 0.0, 2.0))
     expected = volume_to_input(hu, (0.9, 1.1), z, contract)
     chunks = (hu[i:i + batch_size] for i in range(0, len(hu), batch_size))
-    got = list(model_input_batches(resampled_chunks(chunks, (0.9, 1.1), contract), z, contract, batch_size))
+    batches = model_input_batches(resampled_chunks(chunks, (0.9, 1.1), contract), z, contract, batch_size,
+                                  reuse=reuse)
+    got = [(rows, x.copy()) for rows, x in batches]  # a reused buffer is only valid until the next batches
     assert [s.start for s, _ in got] == list(range(0, len(hu), batch_size))
     assert all(len(x) == batch_size for _, x in got[:-1])
     assert np.array_equal(np.concatenate([x for _, x in got]), expected)
