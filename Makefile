@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEB_STAMP := /var/tmp/myeloma-ct-debs.installed
-DEB_PACKAGES := orthanc orthanc-dicomweb dicom3tools chromium
+DEB_PACKAGES := orthanc orthanc-dicomweb dicom3tools chromium openssl
 
 export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
@@ -25,7 +25,7 @@ venv: $(STAMP)
 
 # Debian packages used by integration tests (Orthanc + DICOMweb, dciodvfy, Chromium).
 debs:
-	@if [ ! -f $(DEB_STAMP) ] || ! command -v dciodvfy >/dev/null || ! command -v Orthanc >/dev/null || ! command -v chromium >/dev/null; then \
+	@if [ ! -f $(DEB_STAMP) ] || ! command -v dciodvfy >/dev/null || ! command -v Orthanc >/dev/null || ! command -v chromium >/dev/null || ! command -v openssl >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(DEB_PACKAGES) >/dev/null && \

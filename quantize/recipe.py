@@ -1,0 +1,224 @@
+"""Compression recipes: JSON files in quantize/recipes/ that fix every knob of a run.
+
+A recipe names the variants to build, the pruning schedule, the QAT / PQAT
+fine-tuning, the data splits, the evaluation and the rules that pick the app's
+default variant. Same recipe + same seed + same model = same files.
+Unknown keys are errors, so a typo cannot silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model_zoo.card import sha256_file
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """How a variant is made: from which model (the float Keras model, its pruned copy, or
+    the QAT / PQAT copy fine-tuned by this run), with which converter (quantize.export), and
+    whether zero weights are stored in TFLite's sparse format (``EXPERIMENTAL_SPARSITY``:
+    smaller file, densified once at load, same kernels and speed)."""
+
+    source: str
+    converter: str
+    io_dtype: str = "float32"
+    sparse_storage: bool = False
+    kind: str = ""  # the card's Variant.kind; defaults to the variant name
+
+    def describe(self) -> str:
+        storage = ", sparse storage" if self.sparse_storage else ""
+        return f"source model: {self.source}; converter: {self.converter}, {self.io_dtype} I/O{storage}"
+
+
+VARIANTS: dict[str, VariantSpec] = {
+    "float32": VariantSpec("float", "float32"),
+    "float16": VariantSpec("float", "float16"),
+    "dynamic_range": VariantSpec("float", "dynamic_range"),
+    "int8": VariantSpec("float", "int8"),
+    "int8_io": VariantSpec("float", "int8", io_dtype="int8", kind="int8"),
+    "pruned_float32": VariantSpec("pruned", "float32", kind="float32"),
+    "qat_int8": VariantSpec("qat", "quantization_aware"),
+    "pqat_int8": VariantSpec("pqat", "quantization_aware"),
+    "pqat_int8_sparse": VariantSpec("pqat", "quantization_aware", sparse_storage=True, kind="pqat_int8"),
+}
+REFERENCE_VARIANT = "float32"  # every comparison is against the float TFLite file
+
+
+class RecipeError(Exception):
+    """A recipe cannot be found or is invalid. The message is for the user."""
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """Magnitude pruning: PolynomialDecay from ``initial_sparsity`` at ``begin_step`` to ``target_sparsity`` at ``end_step``."""
+
+    target_sparsity: float = 0.6
+    initial_sparsity: float = 0.0
+    begin_step: int = 0
+    end_step: int = 300
+    frequency: int = 25
+    steps: int = 400  # fine-tuning steps in total (the last ones at the target sparsity)
+    learning_rate: float = 1e-4
+
+    def validate(self) -> None:
+        if not 0.0 <= self.initial_sparsity <= self.target_sparsity < 1.0:
+            raise RecipeError("pruning needs 0 <= initial_sparsity <= target_sparsity < 1")
+        if not 0 <= self.begin_step < self.end_step <= self.steps:
+            raise RecipeError("pruning needs 0 <= begin_step < end_step <= steps")
+        if self.frequency < 1 or self.learning_rate <= 0:
+            raise RecipeError("pruning frequency and learning_rate must be positive")
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """Quantization-aware fine-tuning (QAT or PQAT)."""
+
+    steps: int = 200
+    learning_rate: float = 2e-5
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.learning_rate <= 0:
+            raise RecipeError("fine-tuning steps and learning_rate must be positive")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Held-out evaluation through LiteRT, latency and memory."""
+
+    split: str = "test"
+    threads: tuple[int, ...] = (1, 2)
+    latency_batch: int = 1  # slices per interpreter call when timing
+    latency_warmup: int = 3
+    latency_runs: int = 30
+    memory_batch: int = 16  # the app's batch size
+
+    def validate(self) -> None:
+        if not self.threads or min(self.threads) < 1:
+            raise RecipeError("evaluation.threads must list positive thread counts")
+        if self.latency_batch < 1 or self.latency_runs < 1 or self.latency_warmup < 0 or self.memory_batch < 1:
+            raise RecipeError("evaluation batch sizes and run counts must be positive")
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Which variants may become the app's default: no worse than float32 within these limits."""
+
+    max_auc_drop: float = 0.01
+    max_sensitivity_drop: float = 0.0
+    max_study_flips: int = 0
+    latency_threads: int = 2  # rank eligible variants by latency at this thread count
+    latency_tolerance: float = 0.10  # latencies within 10% tie; the smaller gzip size wins
+
+
+@dataclass(frozen=True)
+class AcceptanceConfig:
+    """The issue's acceptance criteria for one variant, checked and reported by every run.
+
+    ``max_auc_drop`` is applied both ways here: the variant's AUC must lie within it of float32's.
+    """
+
+    variant: str = "pqat_int8"
+    max_auc_drop: float = 0.01
+    max_size_ratio: float = 0.30
+    max_gzip_ratio: float = 0.20
+    min_sparsity: float = 0.50
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str = ""
+    seed: int = 0
+    batch_size: int = 16
+    finetune_split: str = "train"
+    representative_split: str = "train"
+    representative_samples: int = 200
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    qat: FineTuneConfig = field(default_factory=FineTuneConfig)
+    pqat: FineTuneConfig = field(default_factory=FineTuneConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    acceptance: AcceptanceConfig | None = None
+    path: str = ""
+    sha256: str = ""
+
+    def validate(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise RecipeError(f"recipe {self.name!r}: unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+        if REFERENCE_VARIANT not in self.variants:
+            raise RecipeError(f"recipe {self.name!r} must build {REFERENCE_VARIANT!r}: every variant is compared with it")
+        if self.batch_size < 1 or self.representative_samples < 1:
+            raise RecipeError(f"recipe {self.name!r}: batch_size and representative_samples must be positive")
+        if self.acceptance and self.acceptance.variant not in self.variants:
+            raise RecipeError(f"recipe {self.name!r}: acceptance variant {self.acceptance.variant!r} is not built")
+        self.pruning.validate()
+        self.qat.validate()
+        self.pqat.validate()
+        self.evaluation.validate()
+
+    def needs(self, source: str) -> bool:
+        """Does any requested variant come from this source model (float, pruned, qat, pqat)?"""
+        return any(VARIANTS[v].source == source for v in self.variants)
+
+
+_SECTIONS = {
+    "pruning": PruningConfig,
+    "qat": FineTuneConfig,
+    "pqat": FineTuneConfig,
+    "evaluation": EvaluationConfig,
+    "selection": SelectionConfig,
+    "acceptance": AcceptanceConfig,
+}
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where} must be a JSON object")
+    known = {f.name for f in dataclasses.fields(cls)} - {"path", "sha256"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise RecipeError(f"{where}: unknown keys {unknown}; known: {', '.join(sorted(known))}")
+    return cls(**data)
+
+
+def recipe_from_dict(data: dict, path: str = "", sha256: str = "") -> Recipe:
+    if "name" not in data:
+        raise RecipeError(f"recipe {path or '<dict>'} has no 'name'")
+    data = dict(data)
+    if isinstance(data.get("evaluation"), dict) and "threads" in data["evaluation"]:
+        data["evaluation"] = {**data["evaluation"], "threads": tuple(data["evaluation"]["threads"])}
+    for key, cls in _SECTIONS.items():
+        if data.get(key) is not None:
+            data[key] = _build(cls, data[key], f"recipe {data['name']!r} section {key!r}")
+    if "variants" in data:
+        data["variants"] = tuple(data["variants"])
+    try:
+        recipe = dataclasses.replace(_build(Recipe, data, f"recipe {data['name']!r}"), path=path, sha256=sha256)
+    except TypeError as exc:
+        raise RecipeError(f"recipe {data['name']!r} is malformed: {exc}") from exc
+    recipe.validate()
+    return recipe
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A recipe by name (quantize/recipes/NAME.json) or by path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RECIPES_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in RECIPES_DIR.glob("*.json"))
+        raise RecipeError(f"no recipe {str(name_or_path)!r}; shipped recipes: {', '.join(known) or 'none'}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"recipe {path} is not valid JSON: {exc}") from exc
+    return recipe_from_dict(data, path=str(path), sha256=sha256_file(path))
