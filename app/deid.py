@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import pydicom
 from dicognito.anonymizer import Anonymizer
 
 from app.domain import AppError
+from app.sqlite_db import open_wal_database
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,8 @@ class PseudonymStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = open_wal_database(self.path)
         with self._db:
             self._db.execute("CREATE TABLE IF NOT EXISTS secret (id INTEGER PRIMARY KEY CHECK (id = 1), "
                              "value TEXT NOT NULL)")

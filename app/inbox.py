@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from app.dicomweb import DicomWebClient
 from app.outbox import CaseState, ItemKind, Outbox
 from app.reads import Agreement, LesionMark, MarkKind, ReadError, ReadReport, Urgency, parse_read_sr
 from app.settings import app_data_dir
+from app.sqlite_db import open_wal_database
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,8 @@ class Inbox:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = open_wal_database(self.path)
         with self._db:
             self._db.executescript(SCHEMA)
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import pydicom
 
 from app.domain import AppError
+from app.sqlite_db import open_wal_database
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +137,8 @@ class Outbox:
         (self.root / CASES_DIR).mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         try:
-            self._db = sqlite3.connect(self.root / DB_FILE, timeout=30, check_same_thread=False)
+            self._db = open_wal_database(self.root / DB_FILE)
             self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # an enqueued case must survive a power cut
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
