@@ -58,13 +58,20 @@ class Series:
 
 @dataclass
 class SliceResult:
+    """One slice's probability: the model's output, or interpolated along z between analysed slices
+    (thin-slice series are analysed about ``contract.z_step_mm`` apart)."""
+
     sop_instance_uid: str
     z_mm: float
     probability: float
+    analysed: bool = True
 
     def to_json(self) -> dict:
-        return {"sop_instance_uid": self.sop_instance_uid, "z_mm": round(float(self.z_mm), 3),
-                "probability": round(float(self.probability), 6)}
+        out = {"sop_instance_uid": self.sop_instance_uid, "z_mm": round(float(self.z_mm), 3),
+               "probability": round(float(self.probability), 6)}
+        if not self.analysed:
+            out["interpolated"] = True
+        return out
 
 
 @dataclass
@@ -126,9 +133,9 @@ class StudyResult:
         return triage_label(self.positive)
 
     def key_slices(self, n: int = 3) -> list[int]:
-        """Indices of the most suspicious slices, most suspicious first."""
-        order = np.argsort([-s.probability for s in self.slices], kind="stable")
-        return [int(i) for i in order[:n]]
+        """Indices of the most suspicious analysed slices (those with model output), most suspicious first."""
+        order = np.argsort([-s.probability if s.analysed else np.inf for s in self.slices], kind="stable")
+        return [int(i) for i in order[:n] if self.slices[i].analysed]
 
     def to_json(self) -> dict:
         return {

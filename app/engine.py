@@ -9,12 +9,14 @@ reads and the LiteRT interpreter release the GIL):
 2. stacking: the 2.5D, windowed model input of every slice whose neighbours are in
    (``contract.model_input``); resampled slices no later input needs are dropped;
 3. inference, in the calling thread: the interpreter runs each batch and the slice
-   probabilities and CAM maps are collected.
+   probabilities and CAM maps are collected. Thin-slice series are analysed on the
+   contract's ``analysed_slices`` only (about ``z_step_mm`` apart); the slices between
+   get interpolated probabilities.
 
 So reading overlaps preprocessing and inference; only the header pass (which series,
 in which order) comes first. Bounded queues between the stages keep the working
 memory proportional to the batch size, not the series length, and the model inputs
-are bit-identical to ``contract.volume_to_input`` on the whole volume.
+are bit-identical to ``contract.model_input`` on the whole volume.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from app.analysis import AnalysisError, build_study_result
 from app.domain import AppError, Series, StudyResult
 from app.ingest import IngestLimits, InputError, PendingSeries, plan_ingest
 from app.runtime import LoadedModel, load_model
-from model_zoo.contract import InputContract, model_input, resample_inplane
+from model_zoo.contract import InputContract, analysed_slices, model_input, resample_inplane
 from model_zoo.litert import LiteRTError
 
 log = logging.getLogger(__name__)
@@ -105,13 +107,15 @@ def model_input_batches(
     batch_size: int = DEFAULT_BATCH_SIZE,
     clock: StageClock | None = None,
     reuse: int = 0,
-) -> Iterator[tuple[slice, np.ndarray]]:
-    """Model inputs (slice range, (m, h, w, c) float32) from consecutive chunks of resampled slices.
+    targets: np.ndarray | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Model inputs (slice indices, (m, h, w, c) float32) from consecutive chunks of resampled slices.
 
-    A slice's input is built once the first slice beyond its highest z offset is in,
-    so every batch sees exactly the neighbours the whole volume would give it, and
-    resampled slices no later input needs are dropped. Batches are ``batch_size``
-    long except the last.
+    ``targets``: increasing indices of the slices to build inputs for (default: every
+    slice; the engine passes ``contract.analysed_slices``). A target's input is built
+    once the first slice beyond its highest z offset is in, so every batch sees exactly
+    the neighbours the whole volume would give it, and resampled slices no later input
+    needs are dropped. Batches are ``batch_size`` long except the last.
 
     With ``reuse`` = k > 0 the batches are written into k arrays in turn (no fresh
     memory per batch), so a batch is overwritten k batches later: for a consumer that
@@ -120,36 +124,39 @@ def model_input_batches(
     clock = clock or StageClock()
     z = np.asarray(z_mm, dtype=np.float64)
     n = len(z)
+    wanted = np.arange(n) if targets is None else np.asarray(targets, dtype=np.intp)
     reach_below = min(0.0, *contract.z_offsets_mm)
     reach_above = max(0.0, *contract.z_offsets_mm)
     planes: list[np.ndarray] = []  # resampled slices first..loaded-1 (views into the chunks, never copied)
     buffers = [np.empty((batch_size, contract.height, contract.width, contract.channels), np.float32)
                for _ in range(reuse)]
-    first = loaded = target = produced = 0
+    first = loaded = done = produced = 0  # done: targets built so far
     for chunk in resampled:
         started = time.perf_counter()
         planes.extend(chunk)
         loaded += len(chunk)
         if loaded >= n:
-            ready = n
+            ready = len(wanted)
         else:  # targets whose highest neighbour lies strictly below the last slice in
-            ready = int(np.searchsorted(z, z[loaded - 1] - reach_above, side="left")) if loaded else 0
-        while ready - target >= batch_size or (ready == n and target < n):
-            stop = min(target + batch_size, n)
-            out = buffers[produced % reuse][:stop - target] if reuse else None
-            batch = model_input(planes, z[first:loaded], z[target:stop], contract, out=out)
+            ready_slices = int(np.searchsorted(z, z[loaded - 1] - reach_above, side="left")) if loaded else 0
+            ready = int(np.searchsorted(wanted, ready_slices, side="left"))
+        while ready - done >= batch_size or (loaded >= n and done < len(wanted)):
+            stop = min(done + batch_size, len(wanted))
+            indices = wanted[done:stop]
+            out = buffers[produced % reuse][:stop - done] if reuse else None
+            batch = model_input(planes, z[first:loaded], z[indices], contract, out=out)
             produced += 1
             clock.stack += time.perf_counter() - started
-            yield slice(target, stop), batch
+            yield indices, batch
             started = time.perf_counter()
-            target = stop
-            if target < n:  # drop slices below the lower neighbour of z[target] + reach_below
-                keep = max(0, int(np.searchsorted(z, z[target] + reach_below, side="right")) - 1)
+            done = stop
+            if done < len(wanted):  # drop slices below the lower neighbour of the next target
+                keep = max(0, int(np.searchsorted(z, z[wanted[done]] + reach_below, side="right")) - 1)
                 if keep > first:
                     del planes[:keep - first]
                     first = keep
         clock.stack += time.perf_counter() - started
-    if target < n:
+    if loaded < n:
         raise ValueError(f"the slice source ended after {loaded} of {n} slices")
 
 
@@ -234,7 +241,7 @@ class Analyzer:
 
     def analyze_series(self, series: Series, progress: SliceProgress | None = None,
                        cancel: threading.Event | None = None) -> StudyResult:
-        """Run the model on every slice of ``series`` and aggregate the study result.
+        """Run the model on the analysed slices of ``series`` and aggregate the study result.
 
         Raises AnalysisError (unusable series or model output) and AnalysisCancelled.
         """
@@ -274,32 +281,35 @@ class Analyzer:
         contract = self.card.contract
         # Three threads: reading + resampling, 2.5D stacking + windowing, and (here) the interpreter.
         resampled = _prefetched(resampled_chunks(chunks, series.pixel_spacing_mm, contract, clock))
+        analysed = analysed_slices(series.z_mm, contract)
         # The interpreter copies a batch in before it takes the next one, and the producer can
         # be at most PREFETCH_DEPTH + 1 batches ahead of it: so PREFETCH_DEPTH + 2 buffers suffice.
         batches = _prefetched(model_input_batches(resampled, series.z_mm, contract, size, clock,
-                                                  reuse=PREFETCH_DEPTH + 2))
-        probabilities = np.empty(n, np.float32)
+                                                  reuse=PREFETCH_DEPTH + 2, targets=analysed))
+        probabilities = np.empty(len(analysed), np.float32)
         cams = None
+        done = 0
         try:
-            for rows, batch in batches:
+            for indices, batch in batches:
                 if cancel is not None and cancel.is_set():
                     raise AnalysisCancelled("analysis cancelled")
                 t = time.perf_counter()
                 try:
                     p, cam = self._loaded.tflite.predict(batch)
                 except (LiteRTError, RuntimeError, ValueError) as exc:
-                    raise AnalysisError(f"the model failed on slices {rows.start}-{rows.stop - 1}: {exc}") from exc
+                    raise AnalysisError(f"the model failed on slices {indices[0]}-{indices[-1]}: {exc}") from exc
                 clock.inference += time.perf_counter() - t
                 if cams is None:
-                    cams = np.empty((n, *cam.shape[1:]), np.float32)
-                probabilities[rows], cams[rows] = p, cam
+                    cams = np.empty((len(analysed), *cam.shape[1:]), np.float32)
+                probabilities[done:done + len(indices)], cams[done:done + len(indices)] = p, cam
+                done += len(indices)
                 if progress is not None:
-                    progress(rows.stop, n)
+                    progress(int(indices[-1]) + 1, n)
         finally:  # stop and join the producer threads now, also on error or cancel
             batches.close()
             resampled.close()
         t = time.perf_counter()
-        result = build_study_result(series, probabilities, cams, self.card, self.model_ref)
+        result = build_study_result(series, analysed, probabilities, cams, self.card, self.model_ref)
         clock.post = time.perf_counter() - t
         result.timing_s = {**clock.timing(), "total": time.perf_counter() - started}
         log.info("series analysed: %d slices, p=%.3f, %d findings, %.2f s", n, result.probability,

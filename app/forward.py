@@ -248,7 +248,7 @@ def _deliver_reporting_busy(outbox: Outbox, client: DicomWebClient, **kwargs) ->
 
 def forward_cli(args) -> int:
     """``python -m app.cli forward``: exit 0 when the server confirmed the case, 3 when it stays queued."""
-    from app.engine import Analyzer, write_json, analyze_paths, results_json
+    from app.engine import Analyzer, analyze_paths, results_json, write_json
 
     settings = resolve_settings(server=args.server, user=args.user,
                                 deidentify=False if args.no_deidentify else None).require_url()

@@ -11,11 +11,15 @@ Keras-applications style: one builder per architecture, a registry by name
 
 Head, identical for all architectures::
 
-    last feature map -> Dropout -> Conv2D(1, 1x1, "cam") -> GlobalAveragePooling2D -> sigmoid "probability"
+    last feature map -> Dropout -> Conv2D(1, 1x1, "cam") -> GlobalMaxPooling2D -> sigmoid "probability"
 
-A 1x1 convolution followed by a global average equals the average followed by a
-dense layer (both are linear), so this is the usual classifier, and the ``cam``
-output is exactly its class activation map (logits at stride 32).
+The 1x1 convolution is the classifier's dense layer applied to every 32x32-pixel
+cell, so ``cam`` is the class activation map (logits at stride 32) and the slice
+logit is its maximum. Max rather than average pooling: a lytic lesion fills one
+or two of the 80 cells of a slice, and an average dilutes it with the image size,
+so a network trained on crops would not transfer to whole slices; the maximum is
+the same on a crop and on the whole slice, and each cell is trained directly on
+the lesion mask (``model_zoo.train``).
 Outputs, in order: ``[probability (N, 1), cam (N, H/32, W/32, 1)]``; input ``image``.
 """
 
@@ -44,7 +48,7 @@ OUTPUT_STRIDE = 32
 # thousand steps at most, so 0.9 (PyTorch's default).
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-3
-DEFAULT_PRIOR = 0.1  # slice-level lesion prevalence the cam bias starts from
+DEFAULT_PRIOR = 0.02  # lesion prevalence per cam cell, where the cam bias starts
 
 
 # --- custom layers --------------------------------------------------------------
@@ -252,7 +256,7 @@ def cam_classifier(image, features, dropout: float = 0.2, prior: float = DEFAULT
         dtype="float32",
         bias_initializer=tf_keras.initializers.Constant(math.log(prior / (1.0 - prior))),
     )(x)
-    pooled = layers.GlobalAveragePooling2D(name="cam_pool", dtype="float32")(cam)
+    pooled = layers.GlobalMaxPooling2D(name="cam_pool", dtype="float32")(cam)
     probability = layers.Activation("sigmoid", name=PROBABILITY, dtype="float32")(pooled)
     return tf_keras.Model(image, [probability, cam], name=name)
 

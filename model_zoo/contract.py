@@ -9,7 +9,11 @@ and the TensorFlow-free clinic app. The steps, in order:
 2. 2.5D stacking: for a target position z the slices at z + offset for each
    ``z_offsets_mm`` are linearly interpolated along z (edges clamp);
 3. windowing: every window maps HU to [0, 1] (clipped); channels are ordered
-   window-major, ``channel = window_index * len(z_offsets_mm) + offset_index``.
+   window-major, ``channel = window_index * len(z_offsets_mm) + offset_index``;
+4. the analysed slices (``analysed_slices``): thin-slice series are analysed on slices
+   about ``z_step_mm`` apart, because 2.5D inputs closer than that mostly repeat each
+   other; the slices in between get probabilities interpolated along z
+   (``interpolate_to_slices``). Evaluation and the app analyse the same slices.
 
 The tensor is NHWC float32. Rows run anterior -> posterior, columns right ->
 left (the DICOM axial convention, ImageOrientationPatient 1/0/0/0/1/0).
@@ -47,6 +51,7 @@ class InputContract:
     height: int = 256
     width: int = 320
     z_offsets_mm: tuple[float, ...] = (-2.0, 0.0, 2.0)
+    z_step_mm: float = 2.0
     windows: tuple[Window, ...] = field(default_factory=lambda: (Window(150.0, 700.0), Window(500.0, 1800.0)))
     layout: str = "NHWC"
     dtype: str = "float32"
@@ -56,6 +61,8 @@ class InputContract:
             raise ValueError("pixel spacing and input size must be positive")
         if not self.z_offsets_mm or not self.windows:
             raise ValueError("a contract needs at least one z offset and one window")
+        if self.z_step_mm < 0:
+            raise ValueError(f"z_step_mm must be >= 0 (0: analyse every slice), got {self.z_step_mm}")
 
     @property
     def channels(self) -> int:
@@ -75,6 +82,8 @@ class InputContract:
     def from_dict(cls, d: dict) -> InputContract:
         d = dict(d)
         d["z_offsets_mm"] = tuple(float(z) for z in d["z_offsets_mm"])
+        if "z_step_mm" in d:
+            d["z_step_mm"] = float(d["z_step_mm"])
         d["windows"] = tuple(Window(float(w["level"]), float(w["width"])) for w in d["windows"])
         return cls(**d)
 
@@ -327,11 +336,41 @@ def volume_to_input(
     return model_input(resampled, z_mm, targets, contract)
 
 
+def analysed_slices(z_mm: np.ndarray, contract: InputContract) -> np.ndarray:
+    """Indices of the slices the model runs on: increasing, always the first and the last.
+
+    A slice is analysed when it lies at least 3/4 of ``z_step_mm`` above the previous
+    analysed one, so analysed slices are at most 1.5 steps apart and a series whose
+    spacing is already that coarse is analysed whole (as is any with ``z_step_mm`` 0).
+    """
+    z = np.asarray(z_mm, dtype=np.float64)
+    n = len(z)
+    if contract.z_step_mm <= 0 or n < 3:
+        return np.arange(n)
+    min_gap = 0.75 * contract.z_step_mm - 1e-6  # tolerance: positions come from decimal strings
+    picked = [0]
+    for i in range(1, n - 1):
+        if z[i] - z[picked[-1]] >= min_gap:
+            picked.append(i)
+    picked.append(n - 1)
+    return np.asarray(picked, dtype=np.intp)
+
+
+def interpolate_to_slices(z_mm: np.ndarray, analysed: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per-slice values from those of the analysed slices: linear in z between analysed neighbours."""
+    z = np.asarray(z_mm, dtype=np.float64)
+    return np.interp(z, z[analysed], np.asarray(values, dtype=np.float64))
+
+
 def iter_input_batches(
     resampled_hu: np.ndarray, z_mm: np.ndarray, contract: InputContract, batch_size: int = 16
-) -> Iterator[tuple[slice, np.ndarray]]:
-    """Stream model inputs, one batch of slice positions at a time, so memory stays bounded."""
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream the model inputs of the analysed slices, a batch at a time, so memory stays bounded.
+
+    Yields (slice indices, inputs (m, h, w, c)).
+    """
     z_mm = np.asarray(z_mm, dtype=np.float64)
-    for start in range(0, len(z_mm), batch_size):
-        sl = slice(start, min(start + batch_size, len(z_mm)))
-        yield sl, model_input(resampled_hu, z_mm, z_mm[sl], contract)
+    analysed = analysed_slices(z_mm, contract)
+    for start in range(0, len(analysed), batch_size):
+        indices = analysed[start:start + batch_size]
+        yield indices, model_input(resampled_hu, z_mm, z_mm[indices], contract)

@@ -19,6 +19,9 @@ from scipy import ndimage  # noqa: E402
 
 from model_zoo.contract import AIR_HU, InputContract, apply_windows, model_input, stack_25d  # noqa: E402
 from model_zoo.dataset import PreparedStudy  # noqa: E402
+from model_zoo.litert import OUTPUTS  # noqa: E402
+
+PROBABILITY, CAM = OUTPUTS
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class Augmentation:
         return cls(**d)
 
 
-LESION_MAP = "lesion_map"
+LESION_MAP = "lesion_map"  # the training-only fine lesion-map output (deep supervision)
 # The backbones' last feature map (and the CAM) is 1/32 of the input in each direction.
 CAM_STRIDE = 32
 
@@ -70,10 +73,10 @@ def augment(stack_hu: np.ndarray, mask: np.ndarray, aug: Augmentation,
     return out.astype(np.float32), mask
 
 
-def lesion_grid(mask: np.ndarray) -> np.ndarray:
-    """Lesion mask (H, W) -> (H/32, W/32, 1) float: a cell is 1 if any lesion pixel falls in it."""
+def lesion_grid(mask: np.ndarray, stride: int = CAM_STRIDE) -> np.ndarray:
+    """Lesion mask (H, W) -> (H/stride, W/stride, 1) float: a cell is 1 if any lesion pixel falls in it."""
     h, w = mask.shape
-    cells = mask.reshape(h // CAM_STRIDE, CAM_STRIDE, w // CAM_STRIDE, CAM_STRIDE).any(axis=(1, 3))
+    cells = mask.reshape(h // stride, stride, w // stride, stride).any(axis=(1, 3))
     return cells[..., None].astype(np.float32)
 
 
@@ -82,22 +85,30 @@ def make_example(study: PreparedStudy, slice_index: int, contract: InputContract
     return model_input(study.resampled_hu, study.z_mm, study.z_mm[slice_index:slice_index + 1], contract)[0]
 
 
+# Extra rows/columns cut around a training crop so that rotation (<= 8 deg) and scaling
+# (>= 0.9) of the patch never bring air in from outside it: half-diagonal geometry of 128 x 160.
+AUGMENT_MARGIN = 24
+
+
 def crop_window(mask: np.ndarray, centre_hu: np.ndarray, crop: tuple[int, int],
-                rng: np.random.Generator) -> tuple[slice, slice]:
-    """Where to cut a training crop: around a lesion when there is one, else mostly around bone.
+                rng: np.random.Generator, margin: int = 0) -> tuple[slice, slice]:
+    """Where to cut a training crop (plus ``margin`` on every side): around a lesion when there
+    is one, else mostly around bone.
 
     Lesions live in bone, so negative crops are centred on bone too (70%): the network has to
     tell lesions from normal and abnormal-but-benign bone, not bone from soft tissue.
     """
     h, w = mask.shape
-    ch, cw = crop
+    ch, cw = crop[0] + 2 * margin, crop[1] + 2 * margin
+    if ch > h or cw > w:
+        raise ValueError(f"a {crop} crop with a {margin} px margin does not fit the {h} x {w} grid")
     candidates = np.argwhere(mask)
     if len(candidates) == 0 and rng.random() < 0.7:
         candidates = np.argwhere(centre_hu > 250)
     if len(candidates):
         cy, cx = candidates[rng.integers(len(candidates))]
-        cy += rng.integers(-(ch // 2 - CAM_STRIDE // 2), ch // 2 - CAM_STRIDE // 2 + 1)
-        cx += rng.integers(-(cw // 2 - CAM_STRIDE // 2), cw // 2 - CAM_STRIDE // 2 + 1)
+        cy += rng.integers(-(crop[0] // 2 - CAM_STRIDE // 2), crop[0] // 2 - CAM_STRIDE // 2 + 1)
+        cx += rng.integers(-(crop[1] // 2 - CAM_STRIDE // 2), crop[1] // 2 - CAM_STRIDE // 2 + 1)
     else:
         cy, cx = rng.integers(0, h), rng.integers(0, w)
     top = int(np.clip(cy - ch // 2, 0, h - ch))
@@ -108,20 +119,29 @@ def crop_window(mask: np.ndarray, centre_hu: np.ndarray, crop: tuple[int, int],
 def make_training_pair(study: PreparedStudy, slice_index: int, contract: InputContract,
                        aug: Augmentation | None, rng: np.random.Generator,
                        crop: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """An (augmented, optionally cropped) input and its lesion grid, the auxiliary localisation target."""
+    """An (augmented, optionally cropped) input (H, W, C) and its lesion mask (H, W).
+
+    With ``crop`` only a patch around the crop (plus AUGMENT_MARGIN when augmenting) is
+    stacked and augmented, then its centre kept: the same pixels as augmenting the whole
+    slice first, at a third of the cost (the input pipeline, not the network, limited
+    training speed on 2 cores).
+    """
     mask = study.lesion_mask[slice_index]
-    stack = stack_25d(study.resampled_hu, study.z_mm, study.z_mm[slice_index:slice_index + 1], contract)[0]
+    target_z = study.z_mm[slice_index:slice_index + 1]
+    if crop is None:
+        stack = stack_25d(study.resampled_hu, study.z_mm, target_z, contract)[0]
+        if aug is not None:
+            stack, mask = augment(stack, mask, aug, rng)
+        return apply_windows(stack[None], contract)[0], mask
+    h, w = mask.shape
+    margin = min(AUGMENT_MARGIN, (h - crop[0]) // 2, (w - crop[1]) // 2) if aug is not None else 0
+    rows, cols = crop_window(mask, study.resampled_hu[slice_index], crop, rng, margin)
+    stack = stack_25d(study.resampled_hu[:, rows, cols], study.z_mm, target_z, contract)[0]
+    mask = mask[rows, cols]
     if aug is not None:
         stack, mask = augment(stack, mask, aug, rng)
-    if crop is not None:
-        rows, cols = crop_window(mask, stack[..., stack.shape[-1] // 2], crop, rng)
-        stack, mask = stack[rows, cols], mask[rows, cols]
-    return apply_windows(stack[None], contract)[0], lesion_grid(mask)
-
-
-def study_inputs(study: PreparedStudy, contract: InputContract) -> np.ndarray:
-    """Inputs for every slice of a study (K, H, W, C), as the app computes them."""
-    return model_input(study.resampled_hu, study.z_mm, study.z_mm, contract)
+    keep = (slice(margin, margin + crop[0]), slice(margin, margin + crop[1]))
+    return apply_windows(stack[keep][None], contract)[0], mask[keep]
 
 
 def labelled_slices(studies: Sequence[PreparedStudy]) -> tuple[np.ndarray, np.ndarray]:
@@ -133,15 +153,18 @@ def labelled_slices(studies: Sequence[PreparedStudy]) -> tuple[np.ndarray, np.nd
 
 def make_train_dataset(studies: Sequence[PreparedStudy], contract: InputContract, batch_size: int,
                        aug: Augmentation | None, seed: int, positive_fraction: float = 0.35,
-                       lesion_map: bool = True, crop: tuple[int, int] | None = None) -> tf.data.Dataset:
-    """An endless, seeded stream of (image, {"probability": label, "lesion_map": grid}) batches.
+                       lesion_map: bool = True, crop: tuple[int, int] | None = None,
+                       fine_stride: int | None = None) -> tf.data.Dataset:
+    """An endless, seeded stream of (image, {"probability": label, "cam": lesion grid}) batches.
 
     Positive slices are rare, so each example is positive with ``positive_fraction``
     (class-balanced sampling); per-example augmentation seeds make the stream
-    reproducible whatever the thread order. ``lesion_map=False`` drops the auxiliary target
-    (fine-tuning of a model without the auxiliary head). ``crop`` (rows, cols) trains on
-    crops around lesions and bone: the network is fully convolutional up to the average
-    pooling, so it runs on the whole contract grid afterwards at a quarter of the cost to train.
+    reproducible whatever the thread order. ``lesion_map=False`` drops the cam target
+    (label-only fine-tuning). ``crop`` (rows, cols) trains on crops around lesions and
+    bone: the network is fully convolutional up to the max pooling, so it computes the
+    same cam cells on the whole contract grid, at a quarter of the cost to train.
+    ``fine_stride`` adds the lesion grid at that stride as target ``lesion_map`` (deep
+    supervision of a training-only head, see ``model_zoo.train``).
     """
     positives, negatives = labelled_slices(studies)
     if len(positives) == 0 or len(negatives) == 0:
@@ -157,21 +180,24 @@ def make_train_dataset(studies: Sequence[PreparedStudy], contract: InputContract
             n += 1
 
     height, width = crop or (contract.height, contract.width)
-    grid_shape = (height // CAM_STRIDE, width // CAM_STRIDE, 1)
+    fine = fine_stride or CAM_STRIDE
 
     def build(s, k, example_seed):
         study = studies[int(s)]
-        x, grid = make_training_pair(study, int(k), contract, aug, np.random.default_rng(int(example_seed)), crop)
-        return x, grid, np.float32(study.slice_labels[int(k)] == 1)
+        x, mask = make_training_pair(study, int(k), contract, aug, np.random.default_rng(int(example_seed)), crop)
+        return x, lesion_grid(mask), lesion_grid(mask, fine), np.float32(study.slice_labels[int(k)] == 1)
 
     def tf_build(s, k, example_seed):
-        x, grid, y = tf.numpy_function(build, [s, k, example_seed], [tf.float32, tf.float32, tf.float32])
+        x, grid, fine_grid, y = tf.numpy_function(build, [s, k, example_seed], [tf.float32] * 4)
         x.set_shape((height, width, contract.channels))
-        grid.set_shape(grid_shape)
+        grid.set_shape((height // CAM_STRIDE, width // CAM_STRIDE, 1))
+        fine_grid.set_shape((height // fine, width // fine, 1))
         y.set_shape(())
-        targets = {"probability": tf.reshape(y, (1,))}
+        targets = {PROBABILITY: tf.reshape(y, (1,))}
         if lesion_map:
-            targets[LESION_MAP] = grid
+            targets[CAM] = grid
+        if fine_stride:
+            targets[LESION_MAP] = fine_grid
         return x, targets
 
     spec = (tf.TensorSpec((), tf.int64),) * 3

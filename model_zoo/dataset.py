@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_zoo.contract import InputContract, resample_inplane
+from model_zoo.contract import InputContract, analysed_slices, model_input, resample_inplane
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,12 @@ class PreparedStudy:
     @property
     def positive(self) -> bool:
         return bool(self.truth["positive"])
+
+
+def study_inputs(study: PreparedStudy, contract: InputContract) -> np.ndarray:
+    """Inputs for the analysed slices of a study (m, H, W, C), as the app computes them."""
+    targets = study.z_mm[analysed_slices(study.z_mm, contract)]
+    return model_input(study.resampled_hu, study.z_mm, targets, contract)
 
 
 def prepare_study(seed: int, index: int, n_slices: int, external: bool, contract: InputContract) -> PreparedStudy:

@@ -30,8 +30,8 @@ from model_zoo.aggregation import study_probability  # noqa: E402
 from model_zoo.architectures import build_model  # noqa: E402
 from model_zoo.card import MODELS_DIR, Aggregation, ModelCard  # noqa: E402
 from model_zoo.contract import InputContract  # noqa: E402
-from model_zoo.data import LESION_MAP, Augmentation, make_train_dataset, study_inputs  # noqa: E402
-from model_zoo.dataset import DEFAULT_CACHE, PreparedStudy, load_split, split_specs  # noqa: E402
+from model_zoo.data import CAM, LESION_MAP, PROBABILITY, Augmentation, make_train_dataset  # noqa: E402
+from model_zoo.dataset import DEFAULT_CACHE, PreparedStudy, load_split, split_specs, study_inputs  # noqa: E402
 from model_zoo.metrics import auc_with_ci, threshold_for_sensitivity  # noqa: E402
 
 log = logging.getLogger("model_zoo.train")
@@ -71,18 +71,34 @@ def predict_study_probabilities(model: tf_keras.Model, studies: list[PreparedStu
     return np.asarray(out)
 
 
-def with_lesion_map_head(model: tf_keras.Model) -> tf_keras.Model:
-    """The training view of a classifier: the same layers plus an auxiliary lesion-map head.
+def with_fine_lesion_head(model: tf_keras.Model, stride: int) -> tf_keras.Model:
+    """The training view of ``model``: the same layers plus a lesion-map head at ``stride``.
 
-    A 1x1 conv on the last feature map is supervised with the lesion mask at 1/32
-    resolution. Slice labels alone give a from-scratch network too weak a signal for
-    lesions of a few pixels; the auxiliary head teaches the backbone where lesions are.
-    It is used only in training: the saved and exported model is ``model``.
+    Deep supervision: the thin early layers of a from-scratch MobileNet learn lesion
+    features much sooner from a per-cell target next to them than from the stride-32
+    cam alone. The head reads the last feature map at that stride; it is used only in
+    training (the saved and exported model is ``model``).
     """
-    features = model.get_layer("head_dropout").input
-    lesion_map = tf_keras.layers.Conv2D(1, 1, name=LESION_MAP, dtype="float32",
-                                        bias_initializer=tf_keras.initializers.Constant(-3.0))(features)
-    return tf_keras.Model(model.input, [model.outputs[0], lesion_map], name=f"{model.name}_training")
+    height, width = model.input_shape[1:3]
+    want = (height // stride, width // stride)
+    source = [layer for layer in model.layers if tuple(layer.output_shape[1:3]) == want][-1]
+    x = tf_keras.layers.Conv2D(32, 3, padding="same", activation="relu", name=f"{LESION_MAP}_conv")(source.output)
+    fine = tf_keras.layers.Conv2D(1, 1, name=LESION_MAP, dtype="float32",
+                                  bias_initializer=tf_keras.initializers.Constant(-4.0))(x)
+    return tf_keras.Model(model.input, [*model.outputs, fine], name=f"{model.name}_training")
+
+
+def cell_loss(lesion_cell_weight: float):
+    """Binary cross-entropy per cam cell (logits), lesion cells weighted ``lesion_cell_weight``.
+
+    About 3% of the cells of a training crop hold a lesion; unweighted, predicting "no lesion"
+    everywhere is nearly optimal and the backbone learns little from the few lesion cells.
+    """
+    def loss(y_true, y_pred):
+        per_cell = tf.nn.weighted_cross_entropy_with_logits(y_true, y_pred, lesion_cell_weight)
+        return tf.reduce_mean(per_cell, axis=[1, 2, 3])
+
+    return loss
 
 
 class StudyAUCCheckpoint(tf_keras.callbacks.Callback):
@@ -114,6 +130,7 @@ class StudyAUCCheckpoint(tf_keras.callbacks.Callback):
         else:
             self.state["stale"].assign_add(1)
         self.manager.save()
+        self.model.save_weights(str(self.best_path.with_name("last.weights.h5")))  # what a next phase starts from
         log.info("epoch %d: val study AUC %.4f (best %.4f)%s", epoch + 1, auc,
                  float(self.state["best_auc"].numpy()), " *" if improved else "")
         if int(self.state["stale"].numpy()) >= self.patience:
@@ -146,8 +163,10 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
     steps = int(tcfg.get("steps_per_epoch", 200))
     epochs = int(tcfg.get("epochs", 10))
     crop = tuple(tcfg["crop"]) if tcfg.get("crop") else None
+    fine_stride = int(tcfg.get("fine_lesion_map_stride", 0)) or None
     ds = make_train_dataset(train_studies, contract, batch, Augmentation.from_dict(cfg.get("augmentation", {})),
-                            seed=seed, positive_fraction=float(tcfg.get("positive_fraction", 0.35)), crop=crop)
+                            seed=seed, positive_fraction=float(tcfg.get("positive_fraction", 0.35)), crop=crop,
+                            fine_stride=fine_stride)
     with strategy.scope():
         def build(shape):
             return build_model(cfg["architecture"], shape, alpha=float(cfg.get("alpha", 0.35)),
@@ -156,18 +175,29 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
         # The same layers at the contract size (validation, export) and at the crop size (training).
         model = build(contract.input_shape)
         trained = build((*crop, contract.channels)) if crop else model
-        trainer = with_lesion_map_head(trained)
+        trainer = with_fine_lesion_head(trained, fine_stride) if fine_stride else trained
         schedule = tf_keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=float(tcfg.get("learning_rate", 2e-3)) * 0.05,
             decay_steps=max(1, steps * epochs - int(tcfg.get("warmup_steps", 100))),
             warmup_target=float(tcfg.get("learning_rate", 2e-3)),
             warmup_steps=int(tcfg.get("warmup_steps", 100)), alpha=0.02)
         optimizer = tf_keras.optimizers.AdamW(learning_rate=schedule, weight_decay=float(tcfg.get("weight_decay", 1e-4)))
-        trainer.compile(optimizer=optimizer,
-                        loss={"probability": tf_keras.losses.BinaryCrossentropy(),
-                              LESION_MAP: tf_keras.losses.BinaryCrossentropy(from_logits=True)},
-                        loss_weights={"probability": 1.0, LESION_MAP: float(tcfg.get("lesion_map_weight", 1.0))},
-                        metrics={"probability": [tf_keras.metrics.AUC(name="auc")]})
+        # Slice labels alone are too weak a signal for a from-scratch network and lesions of a
+        # few pixels: every cam cell is also trained on the lesion mask at 1/32 resolution.
+        cells = cell_loss(float(tcfg.get("lesion_cell_weight", 1.0)))
+        losses = {PROBABILITY: tf_keras.losses.BinaryCrossentropy(), CAM: cells}
+        weights = {PROBABILITY: 1.0, CAM: float(tcfg.get("lesion_map_weight", 1.0))}
+        if fine_stride:
+            losses[LESION_MAP], weights[LESION_MAP] = cells, float(tcfg.get("lesion_map_weight", 1.0))
+        trainer.compile(optimizer=optimizer, loss=losses, loss_weights=weights,
+                        metrics={PROBABILITY: [tf_keras.metrics.AUC(name="auc")]})
+        if tcfg.get("init_weights"):  # a previous phase (e.g. crop training) this run continues from
+            init = Path(tcfg["init_weights"])
+            init = init if init.is_absolute() else REPO_ROOT / init
+            if not init.is_file():
+                raise ValueError(f"init_weights {init} not found (run the config's previous phase first)")
+            trainer.load_weights(str(init), by_name=True)
+            log.info("initialised from %s", init)
         state = {"epoch": tf.Variable(0, dtype=tf.int64), "best_auc": tf.Variable(-1.0, dtype=tf.float64),
                  "stale": tf.Variable(0, dtype=tf.int64)}
         ckpt = tf.train.Checkpoint(model=trainer, optimizer=optimizer, **state)
@@ -234,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or MODELS_DIR / cfg["name"]
     run_dir = args.run_dir or REPO_ROOT / "runs" / cfg["name"]
-    train(cfg, out, run_dir, args.resume, args.max_minutes, args.cache)
+    try:
+        train(cfg, out, run_dir, args.resume, args.max_minutes, args.cache)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -3,7 +3,7 @@
 The compressed model learns to reproduce the float model's class-activation map
 (mean squared error on the ``cam`` logits) on augmented training slices, rather
 than the labels again. That pins exactly what the app uses - the probability is
-the sigmoid of the cam's mean, and the cam itself is the heatmap - so the card's
+the sigmoid of the cam's maximum, and the cam itself is the heatmap - so the card's
 threshold (chosen for the float model) stays valid and decisions rarely flip. It
 also does not depend on how the float model was trained (crops, auxiliary heads).
 """

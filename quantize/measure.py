@@ -25,8 +25,8 @@ import numpy as np
 
 from model_zoo.aggregation import study_probability
 from model_zoo.card import Aggregation
-from model_zoo.contract import InputContract, model_input
-from model_zoo.dataset import PreparedStudy
+from model_zoo.contract import InputContract
+from model_zoo.dataset import PreparedStudy, study_inputs
 from model_zoo.litert import TFLiteModel
 from model_zoo.metrics import auc_with_ci, sensitivity_specificity
 
@@ -53,7 +53,7 @@ def predict_studies(
     slices: dict[str, list[np.ndarray]] = {name: [] for name in paths}
     per_study: dict[str, list[float]] = {name: [] for name in paths}
     for i, study in enumerate(studies):
-        x = model_input(study.resampled_hu, study.z_mm, study.z_mm, contract)
+        x = study_inputs(study, contract)
         for name, model in models.items():
             p = np.concatenate([model.predict(x[j:j + EVAL_BATCH])[0] for j in range(0, len(x), EVAL_BATCH)])
             slices[name].append(p)

@@ -62,8 +62,8 @@ def make_micro_model_folder(folder: Path, cache_root: Path, steps: int = TRAIN_S
     import tf_keras
 
     from model_zoo.aggregation import study_probability
-    from model_zoo.data import make_train_dataset, study_inputs
-    from model_zoo.dataset import load_split, split_specs
+    from model_zoo.data import make_train_dataset
+    from model_zoo.dataset import load_split, split_specs, study_inputs
     from model_zoo.metrics import threshold_for_sensitivity
 
     folder = Path(folder)

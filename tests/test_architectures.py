@@ -78,11 +78,15 @@ def test_inference_mode_follows_a_short_training():
     x = rng.normal(0.3, 0.05, (64, *SHAPE)).astype(np.float32)
     y = np.zeros((64, 1), np.float32)
     y[::2] = 1.0
-    x[::2, 16:48, 32:64, :] += 0.5  # positives carry a bright block
+    x[::2, 0:32, 32:64, :] += 0.5  # positives carry a bright block, in cam cell (0, 1)
+    cells = np.zeros((64, 2, 3, 1), np.float32)
+    cells[::2, 0, 1] = 1.0
     tf_keras.utils.set_random_seed(0)
     model = build_model("mobilenet_v2", SHAPE, alpha=ALPHA)
-    model.compile(tf_keras.optimizers.Adam(3e-3), loss={"probability": "binary_crossentropy"})
-    model.fit(x, {"probability": y}, batch_size=16, epochs=15, verbose=0)
+    # As model_zoo.train does: the label on the probability, the lesion cells on the cam logits.
+    model.compile(tf_keras.optimizers.Adam(3e-3), loss={"probability": "binary_crossentropy",
+                                                        "cam": tf_keras.losses.BinaryCrossentropy(from_logits=True)})
+    model.fit(x, {"probability": y, "cam": cells}, batch_size=16, epochs=15, verbose=0)
     prob = model.predict(x, verbose=0)[0][:, 0]
     assert prob.std() > 0.05, prob[:6]
     assert prob[::2].mean() > prob[1::2].mean() + 0.1

@@ -5,7 +5,9 @@ from model_zoo.contract import (
     AIR_HU,
     InputContract,
     Window,
+    analysed_slices,
     apply_windows,
+    interpolate_to_slices,
     iter_input_batches,
     model_input,
     resample_inplane,
@@ -67,6 +69,36 @@ def test_windows_map_to_unit_range_window_major():
     assert x.min() >= 0 and x.max() <= 1
 
 
+def test_thin_slices_are_analysed_about_one_step_apart():
+    c = InputContract(z_step_mm=2.0)
+    z = 100.0 + np.arange(11) * 1.0  # 1 mm slices: every other one, plus the last
+    np.testing.assert_array_equal(analysed_slices(z, c), [0, 2, 4, 6, 8, 10])
+    z = 100.0 + np.arange(10) * 0.7
+    np.testing.assert_array_equal(analysed_slices(z, c), [0, 3, 6, 9])
+    for spacing in (1.5, 2.5, 5.0):  # already coarse enough: every slice
+        z = np.arange(8) * spacing
+        np.testing.assert_array_equal(analysed_slices(z, c), np.arange(8))
+    np.testing.assert_array_equal(analysed_slices(np.arange(9) * 0.5, InputContract(z_step_mm=0.0)), np.arange(9))
+    rng = np.random.default_rng(3)
+    z = np.cumsum(rng.uniform(0.4, 1.4, 200))
+    gaps = np.diff(z[analysed_slices(z, c)])
+    assert gaps.max() <= 1.5 * c.z_step_mm + 1e-9
+
+
+def test_skipped_slices_get_probabilities_interpolated_along_z():
+    z = np.array([0.0, 1.0, 2.0, 3.0, 4.5])
+    analysed = np.array([0, 2, 4])
+    p = interpolate_to_slices(z, analysed, [0.2, 0.6, 0.0])
+    np.testing.assert_allclose(p, [0.2, 0.4, 0.6, 0.36, 0.0])
+
+
+def test_the_step_is_part_of_the_stored_contract():
+    d = InputContract(z_step_mm=0.0).to_dict()
+    assert d["z_step_mm"] == 0.0 and InputContract.from_dict(d).z_step_mm == 0.0
+    with pytest.raises(ValueError, match="z_step_mm"):
+        InputContract(z_step_mm=-1.0)
+
+
 def test_batches_equal_whole_volume():
     rng = np.random.default_rng(0)
     vol = rng.normal(0, 300, (7, 60, 70)).astype(np.float32)
@@ -74,8 +106,10 @@ def test_batches_equal_whole_volume():
     small = InputContract(height=32, width=64)
     whole = volume_to_input(vol, (0.8, 0.8), z, small)
     resampled = resample_inplane(vol, (0.8, 0.8), small)
-    parts = np.concatenate([x for _, x in iter_input_batches(resampled, z, small, batch_size=3)])
-    np.testing.assert_array_equal(whole, parts)
+    batches = list(iter_input_batches(resampled, z, small, batch_size=3))
+    indices = np.concatenate([i for i, _ in batches])
+    np.testing.assert_array_equal(indices, analysed_slices(z, small))
+    np.testing.assert_array_equal(whole[indices], np.concatenate([x for _, x in batches]))
     np.testing.assert_array_equal(whole, model_input(resampled, z, z, small))
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from model_helpers import shared_tiny_model
 
 from app.cli import main
 from app.dicomweb import DicomWebClient
@@ -27,7 +28,6 @@ from app.outbox import CaseState, ItemState
 from app.settings import ServerSettings
 from tests import orthanc_helpers
 from tests.forward_helpers import BIRTH_DATE, PATIENT_ID, PATIENT_NAME, make_study_result, write_ct_series
-from model_helpers import shared_tiny_model
 from tests.orthanc_helpers import LUA_DROP_ONCE, LUA_FAIL_ONCE, PASSWORD, USER, FaultProxy, make_tls_files
 
 orthanc_factory = orthanc_helpers.orthanc_factory  # the fixture, used by name below

@@ -22,7 +22,7 @@ from app.engine import AnalysisCancelled, Analyzer, StageClock, model_input_batc
 from app.heatmap import cam_to_image, hot_region
 from app.runtime import ModelLoadError, load_model
 from model_zoo.card import Aggregation, ModelCard, load_card, sha256_file
-from model_zoo.contract import InputContract, resample_inplane, volume_to_input
+from model_zoo.contract import InputContract, analysed_slices, resample_inplane, volume_to_input
 
 REF = ModelRef(name="m", version="1", sha256="0" * 64, variant="float32")
 
@@ -64,7 +64,7 @@ def _result_for(probabilities, threshold=0.5, k=2, hot_cell=(1, 2)):
     series = synthetic_series(np.zeros((n, 128, 128), np.int16))
     cams = np.full((n, 2, 3), -3.0, np.float32)
     cams[:, hot_cell[0], hot_cell[1]] = 5.0
-    return series, build_study_result(series, np.asarray(probabilities), cams, _card(threshold, k), REF)
+    return series, build_study_result(series, np.arange(n), np.asarray(probabilities), cams, _card(threshold, k), REF)
 
 
 def test_study_probability_is_the_top_k_mean_and_positive_at_the_threshold():
@@ -102,6 +102,24 @@ def test_negative_study_has_no_findings_but_keeps_key_slice_heatmaps():
     _, r = _result_for([0.1, 0.2, 0.05, 0.3], threshold=0.5)
     assert not r.positive and r.findings == []
     assert sorted(r.heatmaps) == [0, 1, 3]
+
+
+def test_slices_between_analysed_ones_get_interpolated_probabilities_but_no_heatmap():
+    n = 7
+    series = synthetic_series(np.zeros((n, 128, 128), np.int16), slice_spacing_mm=1.0)
+    analysed = np.array([0, 2, 4, 6])
+    cams = np.full((4, 2, 3), -3.0, np.float32)
+    r = build_study_result(series, analysed, np.array([0.1, 0.9, 0.3, 0.2]), cams, _card(0.5, 1), REF)
+    assert r.probability == pytest.approx(0.9)  # aggregated over model outputs only
+    p = [s.probability for s in r.slices]
+    assert p[2] == pytest.approx(0.9) and p[1] == pytest.approx(0.5) and p[3] == pytest.approx(0.6)
+    assert [s.analysed for s in r.slices] == [True, False, True, False, True, False, True]
+    assert [(f.slice_start, f.slice_end, f.peak_slice) for f in r.findings] == [(1, 3, 2)]
+    assert set(r.heatmaps) <= set(analysed.tolist()) and set(r.key_slices(3)) <= set(analysed.tolist())
+    doc = r.to_json()["slices"]
+    assert doc[1]["interpolated"] is True and "interpolated" not in doc[2]
+    with pytest.raises(AnalysisError, match="analysed slices"):
+        build_study_result(series, analysed[:3], np.array([0.1, 0.9, 0.3, 0.2]), cams, _card(), REF)
 
 
 def test_nan_probabilities_are_an_error_not_a_result():
@@ -191,8 +209,22 @@ def test_streamed_inputs_equal_the_whole_volume_contract(batch_size, reuse):
     batches = model_input_batches(resampled_chunks(chunks, (0.9, 1.1), contract), z, contract, batch_size,
                                   reuse=reuse)
     got = [(rows, x.copy()) for rows, x in batches]  # a reused buffer is only valid until the next batches
-    assert [s.start for s, _ in got] == list(range(0, len(hu), batch_size))
+    assert [int(indices[0]) for indices, _ in got] == list(range(0, len(hu), batch_size))
     assert all(len(x) == batch_size for _, x in got[:-1])
+    assert np.array_equal(np.concatenate([x for _, x in got]), expected)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_streamed_inputs_of_the_analysed_slices_only(batch_size):
+    hu, z = _uneven_volume()
+    contract = InputContract(height=32, width=32, z_step_mm=2.0)
+    targets = analysed_slices(z, contract)
+    assert 0 < len(targets) < len(z)  # the uneven volume has slices closer than 1.5 mm
+    expected = volume_to_input(hu, (0.9, 1.1), z, contract)[targets]
+    chunks = (hu[i:i + 2] for i in range(0, len(hu), 2))
+    got = [(i.copy(), x.copy()) for i, x in model_input_batches(
+        resampled_chunks(chunks, (0.9, 1.1), contract), z, contract, batch_size, targets=targets)]
+    np.testing.assert_array_equal(np.concatenate([i for i, _ in got]), targets)
     assert np.array_equal(np.concatenate([x for _, x in got]), expected)
 
 

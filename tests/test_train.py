@@ -49,12 +49,63 @@ def test_resume_continues_from_the_checkpoint(tiny_run):
 
 def test_training_pipeline_matches_the_numpy_contract(tiny_run):
     """The tf.data path without augmentation yields exactly the contract's tensor."""
-    from model_zoo.data import make_example, study_inputs
+    from model_zoo.contract import model_input
+    from model_zoo.data import make_example
     from model_zoo.dataset import load_split, split_specs
 
     cfg, _card, root = tiny_run
     contract = InputContract.from_dict(cfg["contract"])
     study = load_split(split_specs(cfg)["val"], contract, root / "cache")[0]
-    whole = study_inputs(study, contract)
+    whole = model_input(study.resampled_hu, study.z_mm, study.z_mm, contract)  # what the app computes
     for k in (0, len(study.z_mm) // 2, len(study.z_mm) - 1):
         assert np.max(np.abs(make_example(study, k, contract) - whole[k])) <= 1e-5
+
+
+def test_lesion_cells_weigh_more_in_the_cam_loss():
+    from model_zoo.train import cell_loss
+
+    y = np.zeros((1, 2, 2, 1), np.float32)
+    y[0, 0, 0] = 1.0
+    logits = np.full((1, 2, 2, 1), -3.0, np.float32)  # "no lesion" everywhere
+    plain, weighted = float(cell_loss(1.0)(y, logits)[0]), float(cell_loss(20.0)(y, logits)[0])
+    missed = np.log1p(np.exp(3.0))  # cross-entropy of the missed lesion cell
+    assert plain == pytest.approx((missed + 3 * np.log1p(np.exp(-3.0))) / 4, rel=1e-5)
+    assert weighted == pytest.approx((20 * missed + 3 * np.log1p(np.exp(-3.0))) / 4, rel=1e-5)
+
+
+def test_training_crops_are_cut_from_the_contract_tensor(tiny_run):
+    """Without augmentation a training crop is exactly a window of the app's tensor, with its lesion mask."""
+    from model_zoo.data import make_example, make_training_pair
+    from model_zoo.dataset import load_split, split_specs
+
+    cfg, _card, root = tiny_run
+    contract = InputContract.from_dict(cfg["contract"])
+    study = next(s for s in load_split(split_specs(cfg)["train"], contract, root / "cache") if s.lesion_mask.any())
+    k = int(np.flatnonzero(study.lesion_mask.any(axis=(1, 2)))[0])
+    crop = tuple(cfg["training"]["crop"])
+    x, mask = make_training_pair(study, k, contract, None, np.random.default_rng(0), crop)
+    whole = make_example(study, k, contract)
+    assert x.shape == (*crop, contract.channels) and mask.shape == crop and mask.any()
+    hits = [(r, c) for r in range(contract.height - crop[0] + 1) for c in range(contract.width - crop[1] + 1)
+            if np.array_equal(whole[r:r + crop[0], c:c + crop[1]], x)]
+    assert hits
+    r, c = hits[0]
+    assert np.array_equal(study.lesion_mask[k][r:r + crop[0], c:c + crop[1]], mask)
+
+
+def test_a_second_phase_starts_from_the_first_phase_weights(tiny_run, tmp_path):
+    import copy
+
+    from model_zoo.train import train
+
+    cfg, _card, root = tiny_run
+    last = root / "run" / "last.weights.h5"
+    assert last.is_file()  # written after every epoch, for a next phase
+    phase2 = copy.deepcopy(cfg)
+    phase2["training"].update({"init_weights": str(last), "epochs": 1, "crop": None})
+    card = train(phase2, tmp_path / "model", tmp_path / "run", resume=False, max_minutes=None,
+                 cache_root=root / "cache")
+    assert card.training["config"]["training"]["init_weights"] == str(last)
+    phase2["training"]["init_weights"] = str(tmp_path / "missing.h5")
+    with pytest.raises(ValueError, match="run the config's previous phase first"):
+        train(phase2, tmp_path / "model2", tmp_path / "run2", resume=False, max_minutes=None, cache_root=root / "cache")

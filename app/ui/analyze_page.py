@@ -194,7 +194,7 @@ def _result(job: AnalysisJob, series: Series, result: StudyResult) -> None:
         _forward(job, series, result)
     for warning in result.warnings:
         st.warning(warning)
-    _slice_chart(result)
+    _slice_chart(result, job.card.contract.z_step_mm)
     _viewer(series, result)
     _key_images(series, result)
     _model_card(job.card, result)
@@ -258,7 +258,7 @@ def _slider_key(result: StudyResult) -> str:
     return f"slice_{result.series_instance_uid}"
 
 
-def _slice_chart(result: StudyResult) -> None:
+def _slice_chart(result: StudyResult, z_step_mm: float) -> None:
     st.subheader("Probability per slice")
     current = st.session_state.get(_slider_key(result), result.key_slices(1)[0] + 1)
     data = pd.DataFrame({"slice": range(1, len(result.slices) + 1),
@@ -277,8 +277,11 @@ def _slice_chart(result: StudyResult) -> None:
                               "end": [f.slice_end + 1.5 for f in result.findings]})
         layers.insert(0, alt.Chart(spans).mark_rect(color="#b3261e", opacity=0.12).encode(x="start:Q", x2="end:Q"))
     st.altair_chart(alt.layer(*layers).properties(height=220), width="stretch")
+    skipped = sum(not s.analysed for s in result.slices)
+    note = (f" Thin slices: the model ran on slices about {z_step_mm:g} mm apart; the {skipped} slices in between show "
+            "values interpolated along z." if skipped else "")
     st.caption(f"Dashed line: decision threshold {result.threshold:.2f}. Shaded: suspicious slice runs. "
-               "Grey line: the slice shown below.")
+               f"Grey line: the slice shown below.{note}")
 
 
 def _viewer(series: Series, result: StudyResult) -> None:
@@ -294,7 +297,8 @@ def _viewer(series: Series, result: StudyResult) -> None:
         overlay = st.toggle("Heatmap (CAM) overlay", value=True, key="viewer_overlay")
         index = number - 1
         s = result.slices[index]
-        st.markdown(f"z = {s.z_mm:.1f} mm · slice probability **{s.probability:.1%}**")
+        source = "" if s.analysed else " (interpolated between neighbouring analysed slices)"
+        st.markdown(f"z = {s.z_mm:.1f} mm · slice probability **{s.probability:.1%}**{source}")
         heatmap = result.heatmaps.get(index)
         if overlay and heatmap is None:
             st.caption("No heatmap for this slice: heatmaps are computed for the most suspicious slices and the "
