@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,21 +34,34 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from quantize.memory_probe import peak_rss_mb  # noqa: E402
+
 DEFAULT_CACHE = REPO / "build" / "bench"
 STAGES = ("read", "preprocess", "inference", "post")
 
 
-def phantom_series(cache: Path, slices: int, seed: int = 7) -> Path:
-    """A positive phantom study of ``slices`` 512 x 512 slices, written once into the cache."""
+def phantom_series(cache: Path, slices: int, seed: int = 7, max_spacing_mm: float | None = None) -> Path:
+    """A positive phantom study of ``slices`` 512 x 512 slices, written once into the cache.
+
+    With ``max_spacing_mm`` the first seed from ``seed`` on whose scanner spaces slices at most
+    that far apart (a thin-slice series, analysed on a subset of its slices).
+    """
+    from model_zoo.phantoms.generator import sample_study_spec
+
+    spec = sample_study_spec(seed, 0, positive=True, n_slices=slices)
+    while max_spacing_mm is not None and spec.scanner.slice_spacing_mm > max_spacing_mm:
+        seed += 1
+        spec = sample_study_spec(seed, 0, positive=True, n_slices=slices)
     folder = cache / f"phantom_{slices}_seed{seed}"
     done = folder / ".complete"
     if done.exists():
         return folder
     from model_zoo.phantoms.dicom_writer import write_study_dicom
-    from model_zoo.phantoms.generator import render_study, sample_study_spec
+    from model_zoo.phantoms.generator import render_study
 
-    print(f"writing a {slices}-slice phantom study to {folder} (once)...", file=sys.stderr)
-    study = render_study(sample_study_spec(seed, 0, positive=True, n_slices=slices))
+    print(f"writing a {slices}-slice phantom study ({spec.scanner.slice_spacing_mm} mm apart) to {folder} (once)...",
+          file=sys.stderr)
+    study = render_study(spec)
     write_study_dicom(study, folder)
     done.write_text("ok\n")
     return folder
@@ -92,11 +104,13 @@ def worker(model: str, variant: str, threads: int, folder: Path, repeats: int) -
             wall, cpu = time.perf_counter() - started, time.process_time() - cpu
         if len(pairs) != 1:
             raise SystemExit(f"expected one analysed study, got {len(pairs)}; errors: {errors}")
-        runs.append((wall, cpu, pairs[0][1].timing_s, pairs[0][1].probability))
-        del pairs
+        result = pairs[0][1]
+        analysed = sum(s.analysed for s in result.slices)
+        runs.append((wall, cpu, result.timing_s, result.probability))
+        del pairs, result
     wall, cpu, timing, probability = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run
     return {"wall_s": wall, "cpu_s": cpu, "load_s": load_s, "timing_s": timing, "probability": round(probability, 4),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+            "analysed_slices": analysed, "peak_rss_mb": peak_rss_mb()}
 
 
 def run_worker(model: str, variant: str, threads: int, folder: Path, repeats: int) -> dict:
@@ -139,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--input", type=Path, default=None, help="benchmark this DICOM folder instead of a phantom")
+    parser.add_argument("--max-spacing", type=float, default=None, metavar="MM",
+                        help="use a phantom whose slices are at most MM apart (e.g. 1.25: a thin-slice series, "
+                             "which the model analyses about contract.z_step_mm apart)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -155,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     model = str(card.folder)
     variants = args.variants.split(",") if args.variants else default_variants(model)
     thread_counts = [int(t) for t in args.threads.split(",")]
-    folder = args.input or phantom_series(args.cache, args.slices)
+    folder = args.input or phantom_series(args.cache, args.slices, max_spacing_mm=args.max_spacing)
     files = dicom_files(folder)
     load_before = os.getloadavg()[0]
     floor, floor_cpu = pydicom_floor_times(files, args.repeats)
@@ -166,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             result["cli_s"] = cli_wall(model, variant, threads, folder)
             rows.append((variant, threads, result))
 
-    print(f"## analyze benchmark: {len(files)} files ({folder.name}), model {card.name} {card.version}, "
+    analysed = rows[0][2]["analysed_slices"] if rows else 0
+    print(f"## analyze benchmark: {len(files)} files ({folder.name}, {analysed} analysed), model {card.name} {card.version}, "
           f"{os.cpu_count()} CPUs, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after\n")
     print(f"pydicom read+decode floor: **{floor:.2f} s** wall, {floor_cpu:.2f} s CPU "
           f"(median of {args.repeats}, warm page cache)\n")

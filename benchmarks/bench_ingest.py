@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_analyze import DEFAULT_CACHE, REPO, dicom_files, phantom_series, pydicom_floor
+from bench_analyze import DEFAULT_CACHE, REPO, dicom_files, peak_rss_mb, phantom_series, pydicom_floor
 
 SYNTAXES = {"native": None, "jpeg-ls": "1.2.840.10008.1.2.4.80", "jpeg2000": "1.2.840.10008.1.2.4.90",
             "rle": "1.2.840.10008.1.2.5"}
@@ -77,7 +76,7 @@ def worker(folder: Path, repeats: int) -> dict:
     ingest_s = statistics.median(ingest_times[1:])
     return {"files": len(files), "shape": list(shape), "floor_s": floor, "ingest_s": ingest_s,
             "header_pass_s": statistics.median(header_times[1:]), "ratio": ingest_s / floor,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss it starts afresh at exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024.0
@@ -38,14 +39,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from model_zoo.litert import LiteRTError, TFLiteModel
 
-    baseline = _peak_rss_mb()
+    baseline = peak_rss_mb()
     try:
         model = TFLiteModel(args.model, threads=args.threads)
         model.predict(np.zeros((args.batch, *model.input_shape[1:]), np.float32))
     except LiteRTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     print(json.dumps({"baseline_mb": round(baseline, 1), "peak_mb": round(peak, 1), "model_mb": round(peak - baseline, 1)}))
     return 0
 
