@@ -69,9 +69,9 @@ def build_study_result(series: Series, analysed: np.ndarray, probabilities: np.n
     ranked = np.full(n, -np.inf)
     ranked[analysed] = p_model
     runs = [(a, b) for a, b in suspicious_runs(p, threshold) if np.isfinite(ranked[a:b + 1].max())]
-    cam_index = {int(i): k for k, i in enumerate(analysed)}
     image_shape = series.hu.shape[1:]
-    heatmaps = {i: cam_to_image(cams[cam_index[i]], image_shape, series.pixel_spacing_mm, card.contract)
+    heatmaps = {i: cam_to_image(cams[np.searchsorted(analysed, i)], image_shape, series.pixel_spacing_mm,
+                                card.contract)
                 for i in heatmap_slices(ranked, runs, min(KEY_SLICES, len(analysed)))}
     findings = []
     for first, last in runs:
@@ -83,10 +83,8 @@ def build_study_result(series: Series, analysed: np.ndarray, probabilities: np.n
             peak_slice=peak, peak_sop_instance_uid=series.sop_instance_uids[peak],
             peak_probability=float(p[peak]), center_px=region.center_px, bbox_px=region.bbox_px,
         ))
-    is_analysed = np.zeros(n, bool)
-    is_analysed[analysed] = True
     slices = [SliceResult(uid, float(z), float(prob), analysed=bool(a))
-              for uid, z, prob, a in zip(series.sop_instance_uids, series.z_mm, p, is_analysed, strict=True)]
+              for uid, z, prob, a in zip(series.sop_instance_uids, series.z_mm, p, np.isfinite(ranked), strict=True)]
     return StudyResult(
         study_instance_uid=series.study_instance_uid,
         series_instance_uid=series.series_instance_uid,

@@ -185,7 +185,9 @@ def make_train_dataset(studies: Sequence[PreparedStudy], contract: InputContract
     def build(s, k, example_seed):
         study = studies[int(s)]
         x, mask = make_training_pair(study, int(k), contract, aug, np.random.default_rng(int(example_seed)), crop)
-        return x, lesion_grid(mask), lesion_grid(mask, fine), np.float32(study.slice_labels[int(k)] == 1)
+        grid = lesion_grid(mask)
+        fine_grid = lesion_grid(mask, fine_stride) if fine_stride else grid
+        return x, grid, fine_grid, np.float32(study.slice_labels[int(k)] == 1)
 
     def tf_build(s, k, example_seed):
         x, grid, fine_grid, y = tf.numpy_function(build, [s, k, example_seed], [tf.float32] * 4)

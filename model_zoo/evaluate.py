@@ -31,7 +31,7 @@ from model_zoo.aggregation import study_probability
 from model_zoo.card import ModelCard, ModelError, resolve_model
 from model_zoo.contract import iter_input_batches
 from model_zoo.dataset import DEFAULT_CACHE, PreparedStudy, SplitSpec, load_split, split_specs
-from model_zoo.metrics import auc_with_ci, study_report, threshold_for_sensitivity
+from model_zoo.metrics import study_report
 
 log = logging.getLogger("model_zoo.evaluate")
 SlicePredictor = Callable[[np.ndarray], np.ndarray]  # (N, H, W, C) -> (N,) probabilities
@@ -61,7 +61,7 @@ def study_probabilities(studies: list[PreparedStudy], card: ModelCard, predict: 
                         batch_size: int = 16) -> np.ndarray:
     out = []
     for study in studies:
-        slice_probs = np.concatenate([predict(x) for _, x in iter_input_batches(  # the analysed slices
+        slice_probs = np.concatenate([predict(x) for _, x in iter_input_batches(
             study.resampled_hu, study.z_mm, card.contract, batch_size)])
         out.append(study_probability(slice_probs, card.aggregation.method, card.aggregation.k))
     return np.asarray(out)
@@ -142,22 +142,6 @@ def evaluate(card: ModelCard, splits: list[SplitSpec], predict: SlicePredictor,
     return results, reports
 
 
-def calibrate_threshold(card: ModelCard, predict: SlicePredictor, cache_root: Path = DEFAULT_CACHE) -> None:
-    """Set ``card.threshold`` on the validation split, with the rule the training used."""
-    config = card.training.get("config", {})
-    if "val" not in config.get("data", {}):
-        raise ModelError("the card names no 'val' split to choose a threshold on")
-    studies = load_split(split_specs(config, ["val"])["val"], card.contract, cache_root)
-    y = [int(s.positive) for s in studies]
-    probs = study_probabilities(studies, card, predict)
-    min_sensitivity = float(config.get("threshold_min_sensitivity", 0.95))
-    card.threshold = threshold_for_sensitivity(y, probs, min_sensitivity)
-    card.metrics["validation"] = {"auc": round(auc_with_ci(y, probs, n_boot=500).value, 4),
-                                  "threshold_rule": f"highest threshold with validation sensitivity >= {min_sensitivity}"}
-    log.info("threshold %.4f chosen on %d validation studies (AUC %.4f)", card.threshold, len(studies),
-             card.metrics["validation"]["auc"])
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model_zoo.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,9 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="LiteRT threads (default: %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <model>/evaluation)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="prepared-study cache (default: %(default)s)")
-    p.add_argument("--calibrate-threshold", action="store_true",
-                   help="first choose the card's threshold again on the 'val' split with this predictor (the "
-                        "highest with validation sensitivity >= the card's rule); stored with --update-card")
     p.add_argument("--update-card", action="store_true", help="store the metrics in the model card (release step)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -184,8 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.calibrate_threshold:
-        calibrate_threshold(card, predict, args.cache)
     results, reports = evaluate(card, splits, predict, args.cache)
     out_dir = args.out or card.path_of("evaluation")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -185,11 +185,11 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
         # Slice labels alone are too weak a signal for a from-scratch network and lesions of a
         # few pixels: every cam cell is also trained on the lesion mask at 1/32 resolution.
         cells = cell_loss(float(tcfg.get("lesion_cell_weight", 1.0)))
-        losses = {PROBABILITY: tf_keras.losses.BinaryCrossentropy(), CAM: cells}
+        loss_fns = {PROBABILITY: tf_keras.losses.BinaryCrossentropy(), CAM: cells}
         weights = {PROBABILITY: 1.0, CAM: float(tcfg.get("lesion_map_weight", 1.0))}
         if fine_stride:
-            losses[LESION_MAP], weights[LESION_MAP] = cells, float(tcfg.get("lesion_map_weight", 1.0))
-        trainer.compile(optimizer=optimizer, loss=losses, loss_weights=weights,
+            loss_fns[LESION_MAP], weights[LESION_MAP] = cells, weights[CAM]
+        trainer.compile(optimizer=optimizer, loss=loss_fns, loss_weights=weights,
                         metrics={PROBABILITY: [tf_keras.metrics.AUC(name="auc")]})
         if tcfg.get("init_weights"):  # a previous phase (e.g. crop training) this run continues from
             init = Path(tcfg["init_weights"])
