@@ -166,7 +166,7 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
     fine_stride = int(tcfg.get("fine_lesion_map_stride", 0)) or None
     ds = make_train_dataset(train_studies, contract, batch, Augmentation.from_dict(cfg.get("augmentation", {})),
                             seed=seed, positive_fraction=float(tcfg.get("positive_fraction", 0.35)), crop=crop,
-                            fine_stride=fine_stride)
+                            fine_stride=fine_stride, osteoporotic_fraction=tcfg.get("osteoporotic_fraction"))
     with strategy.scope():
         def build(shape):
             return build_model(cfg["architecture"], shape, alpha=float(cfg.get("alpha", 0.35)),

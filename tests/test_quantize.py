@@ -204,6 +204,18 @@ def test_recording_keeps_what_others_wrote_and_refuses_a_replaced_model(micro_fo
 
 @pytest.mark.tf
 @pytest.mark.slow
+@pytest.mark.tf
+def test_distillation_ignores_background_cells_below_the_floor():
+    from quantize.finetune import floored_mse
+
+    loss = floored_mse(-6.0)
+    teacher = np.array([[[[-20.0], [-9.0]], [[2.0], [-5.0]]]], np.float32)
+    same_background = np.array([[[[-8.0], [-30.0]], [[2.0], [-5.0]]]], np.float32)
+    assert float(loss(teacher, same_background)[0]) == 0.0  # both below the floor where it matters not
+    off = np.array([[[[-20.0], [-9.0]], [[0.0], [-7.0]]]], np.float32)
+    assert float(loss(teacher, off)[0]) == pytest.approx((2.0 ** 2 + 1.0 ** 2) / 4)
+
+
 def test_pruning_is_reproducible_by_seed(micro_folder, micro_cache):
     import tf_keras
 

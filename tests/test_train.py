@@ -109,3 +109,24 @@ def test_a_second_phase_starts_from_the_first_phase_weights(tiny_run, tmp_path):
     phase2["training"]["init_weights"] = str(tmp_path / "missing.h5")
     with pytest.raises(ValueError, match="run the config's previous phase first"):
         train(phase2, tmp_path / "model2", tmp_path / "run2", resume=False, max_minutes=None, cache_root=root / "cache")
+
+
+def test_osteoporotic_studies_can_be_over_sampled():
+    from model_zoo.data import osteoporosis_groups
+    from model_zoo.dataset import PreparedStudy
+
+    def study(osteoporotic):
+        return PreparedStudy(key="s", resampled_hu=np.zeros((1, 1, 1), np.float32), z_mm=np.zeros(1),
+                             slice_labels=np.zeros(1, np.int8), truth={"osteoporotic": osteoporotic})
+
+    studies = [study(True), study(False), study(False), study(False)]
+    pool = np.array([[s, k] for s in range(4) for k in range(3)])
+    groups, weights = osteoporosis_groups(pool, studies, 0.5)
+    assert [set(g[:, 0]) for g in groups] == [{0}, {1, 2, 3}]
+    assert weights.tolist() == [0.5, 0.5]
+    same, plain = osteoporosis_groups(pool, studies, None)
+    assert len(same) == 1 and np.array_equal(same[0], pool) and plain.tolist() == [1.0]
+    only_normal, _ = osteoporosis_groups(pool[3:], studies, 0.5)  # nothing to over-sample: no re-weighting
+    assert len(only_normal) == 1
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        osteoporosis_groups(pool, studies, 1.0)
