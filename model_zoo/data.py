@@ -185,7 +185,7 @@ def labelled_slices(studies: Sequence[PreparedStudy]) -> tuple[np.ndarray, np.nd
 
 
 def osteoporosis_groups(pool: np.ndarray, studies: Sequence[PreparedStudy],
-                           fraction: float | None) -> tuple[list[np.ndarray], np.ndarray]:
+                        fraction: float | None) -> tuple[list[np.ndarray], np.ndarray]:
     """(groups of (study, slice) pairs, probability of drawing from each group).
 
     Osteoporotic bone - low density, coarse texture, thin cortex - is where the model's
