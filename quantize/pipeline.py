@@ -30,9 +30,9 @@ from model_zoo.architectures import custom_objects  # noqa: E402
 from model_zoo.card import ModelCard, ModelError, Variant, load_card  # noqa: E402
 from model_zoo.contract import model_input  # noqa: E402
 from quantize import export, measure, report  # noqa: E402
-from quantize.finetune import fine_tune  # noqa: E402
+from quantize.finetune import fine_tune, run_as_at_inference  # noqa: E402
 from quantize.prune import layer_sparsity, prunable_sparsity, prune  # noqa: E402
-from quantize.qat import quantize_aware  # noqa: E402
+from quantize.qat import calibrate_activation_ranges, quantize_aware  # noqa: E402
 from quantize.recipe import REFERENCE_VARIANT, VARIANTS, Recipe  # noqa: E402
 from quantize.sources import DataSources  # noqa: E402
 
@@ -78,16 +78,15 @@ def _trained_models(float_model: tf_keras.Model, recipe: Recipe, sources: DataSo
         tf_keras.utils.set_random_seed(recipe.seed)
         pruned = prune(float_model, sources.finetune(recipe.batch_size, recipe.seed), recipe.pruning)
         models["pruned"], losses["pruning"] = pruned.model, pruned.losses
-    if recipe.needs("qat"):
-        tf_keras.utils.set_random_seed(recipe.seed + 1)
-        models["qat"] = quantize_aware(float_model)
-        losses["qat"] = fine_tune(models["qat"], float_model, sources.finetune(recipe.batch_size, recipe.seed + 1),
-                                  recipe.qat.steps, recipe.qat.learning_rate, "qat")
-    if recipe.needs("pqat"):
-        tf_keras.utils.set_random_seed(recipe.seed + 2)
-        models["pqat"] = quantize_aware(models["pruned"], preserve_sparsity=True)
-        losses["pqat"] = fine_tune(models["pqat"], float_model, sources.finetune(recipe.batch_size, recipe.seed + 2),
-                                   recipe.pqat.steps, recipe.pqat.learning_rate, "pqat")
+    for name, source, config, offset in (("qat", "float", recipe.qat, 1), ("pqat", "pruned", recipe.pqat, 2)):
+        if not recipe.needs(name):
+            continue
+        tf_keras.utils.set_random_seed(recipe.seed + offset)
+        models[name] = quantize_aware(models[source], preserve_sparsity=name == "pqat")
+        data = sources.finetune(recipe.batch_size, recipe.seed + offset)
+        run_as_at_inference(models[name])
+        calibrate_activation_ranges(models[name], data, config.calibration_batches)
+        losses[name] = fine_tune(models[name], float_model, data, config.steps, config.learning_rate, name)
     layers = {name: layer_sparsity(m) for name, m in models.items()}
     return models, layers, losses
 

@@ -56,24 +56,28 @@ class PruneResult:
 
 def prune(model: tf_keras.Model, dataset: tf.data.Dataset, config: PruningConfig) -> PruneResult:
     """Prune a copy of a float model while it learns to reproduce the original on ``dataset``; the input model is not changed."""
-    schedule = _sparsity.PolynomialDecay(
-        initial_sparsity=config.initial_sparsity,
-        final_sparsity=config.target_sparsity,
-        begin_step=config.begin_step,
-        end_step=config.end_step,
-        frequency=config.frequency,
-    )
+
+    def wrap(layer):
+        found = _kernel(layer)
+        target = config.layer_target(found[1].size) if found and found[0] != "DepthwiseConv2D" else None
+        if target is None:
+            return layer
+        schedule = _sparsity.PolynomialDecay(initial_sparsity=config.initial_sparsity, final_sparsity=target,
+                                             begin_step=config.begin_step, end_step=config.end_step,
+                                             frequency=config.frequency)
+        return _sparsity.prune_low_magnitude(layer, pruning_schedule=schedule)
+
     # prune_low_magnitude wraps the layers it is given, so training would change the
     # caller's float model: prune a copy.
     copy = tf_keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
-    wrapped = _sparsity.prune_low_magnitude(copy, pruning_schedule=schedule)
+    wrapped = tf_keras.models.clone_model(copy, clone_function=wrap)
     losses = fine_tune(wrapped, model, dataset, config.steps, config.learning_rate, "pruning",
                        callbacks=(_sparsity.UpdatePruningStep(),))
     stripped = _sparsity.strip_pruning(wrapped)
     layers = layer_sparsity(stripped)
-    log.info("pruned to %.1f%% of prunable weights (target %.0f%%)", 100 * prunable_sparsity(layers),
-             100 * config.target_sparsity)
+    log.info("pruned to %.1f%% of prunable weights (%s)", 100 * prunable_sparsity(layers),
+             f"size tiers {list(config.size_tiers)}" if config.size_tiers else f"target {100 * config.target_sparsity:.0f}%")
     return PruneResult(stripped, layers, losses)
 
 

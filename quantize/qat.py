@@ -16,8 +16,13 @@ import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
+import tensorflow as tf  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
 import tf_keras  # noqa: E402
+
+# Not public API: the op behind tfmot's moving-average quantizers, whose EMA decay is fixed (see
+# calibrate_activation_ranges); tfmot is pinned in requirements.txt.
+from tensorflow_model_optimization.python.core.quantization.keras import quant_ops  # noqa: E402
 
 from model_zoo.architectures import HardSigmoid, HardSwish, custom_objects  # noqa: E402
 from model_zoo.card import ModelError  # noqa: E402
@@ -86,3 +91,33 @@ def quantize_aware(model: tf_keras.Model, preserve_sparsity: bool = False) -> tf
     )
     with quantize_scope():
         return _quant.quantize_apply(annotated, scheme)
+
+
+@contextlib.contextmanager
+def _range_ema_decay(decay: float):
+    """Within the block, tfmot's moving-average quantizers use ``decay`` instead of their fixed 0.999."""
+    original = quant_ops.MovingAvgQuantize
+
+    def moving_avg_quantize(*args, **kwargs):
+        return original(*args, **{**kwargs, "ema_decay": decay})
+
+    quant_ops.MovingAvgQuantize = moving_avg_quantize
+    try:
+        yield
+    finally:
+        quant_ops.MovingAvgQuantize = original
+
+
+def calibrate_activation_ranges(model: tf_keras.Model, dataset: tf.data.Dataset, batches: int,
+                                decay: float = 0.9) -> None:
+    """Move a fresh QAT model's activation ranges to what it sees on ``batches`` batches of ``dataset``.
+
+    tfmot starts every activation range at [-6, 6] and moves it 0.1% per training step, so
+    after a few hundred fine-tuning steps the ranges are still mostly [-6, 6]: cam logits
+    clipped at 6 (every strong slice tied), wider activations clipped. Forward passes in
+    training mode with a fast moving average (eager, so the patched op is the one run)
+    calibrate them first; weights do not change.
+    """
+    with _range_ema_decay(decay):
+        for image, _targets in dataset.take(batches):
+            model(image, training=True)
