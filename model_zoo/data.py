@@ -120,9 +120,11 @@ def _random_bone_pixel(centre_hu: np.ndarray, rng: np.random.Generator, tries: i
 
 
 def crop_window(mask: np.ndarray, centre_hu: np.ndarray, crop: tuple[int, int],
-                rng: np.random.Generator, margin: int = 0, bone_fraction: float = 0.6) -> tuple[slice, slice]:
+                rng: np.random.Generator, margin: int = 0, bone_fraction: float = 0.6,
+                hot_spot: tuple[int, int] | None = None) -> tuple[slice, slice]:
     """Where to cut a training crop (plus ``margin`` on every side): around a lesion when there
-    is one, else around bone (``bone_fraction``) or anywhere.
+    is one, else around ``hot_spot`` if given (a mined false-positive cell), else around bone
+    (``bone_fraction``) or anywhere.
 
     Lesions live in bone, so most negative crops are centred on bone: the network has to tell
     lesions from normal and abnormal-but-benign bone. The rest cover the table, lungs and soft
@@ -135,6 +137,8 @@ def crop_window(mask: np.ndarray, centre_hu: np.ndarray, crop: tuple[int, int],
     lesion_pixels = np.argwhere(mask)
     if len(lesion_pixels):
         centre = lesion_pixels[rng.integers(len(lesion_pixels))]
+    elif hot_spot is not None:
+        centre = np.asarray(hot_spot)
     elif rng.random() < bone_fraction:
         centre = _random_bone_pixel(centre_hu, rng)
     else:
@@ -151,13 +155,14 @@ def crop_window(mask: np.ndarray, centre_hu: np.ndarray, crop: tuple[int, int],
 
 def make_training_pair(study: PreparedStudy, slice_index: int, contract: InputContract,
                        aug: Augmentation | None, rng: np.random.Generator,
-                       crop: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                       crop: tuple[int, int] | None = None,
+                       hot_spot: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """An (augmented, optionally cropped) input (H, W, C) and its lesion mask (H, W).
 
     With ``crop`` only a patch around the crop (plus AUGMENT_MARGIN when augmenting) is
     stacked and augmented, then its centre kept: the same pixels as augmenting the whole
     slice first, at a third of the cost (the input pipeline, not the network, limited
-    training speed on 2 cores).
+    training speed on 2 cores). ``hot_spot`` (row, col) centres the crop of a lesion-free slice.
     """
     mask = study.lesion_mask[slice_index]
     target_z = study.z_mm[slice_index:slice_index + 1]
@@ -168,7 +173,7 @@ def make_training_pair(study: PreparedStudy, slice_index: int, contract: InputCo
         return apply_windows(stack[None], contract)[0], mask
     h, w = mask.shape
     margin = min(AUGMENT_MARGIN, (h - crop[0]) // 2, (w - crop[1]) // 2) if aug is not None else 0
-    rows, cols = crop_window(mask, study.resampled_hu[slice_index], crop, rng, margin)
+    rows, cols = crop_window(mask, study.resampled_hu[slice_index], crop, rng, margin, hot_spot=hot_spot)
     stack = stack_25d(study.resampled_hu[:, rows, cols], study.z_mm, target_z, contract)[0]
     mask = mask[rows, cols]
     if aug is not None:
@@ -206,7 +211,8 @@ def osteoporosis_groups(pool: np.ndarray, studies: Sequence[PreparedStudy],
 def make_train_dataset(studies: Sequence[PreparedStudy], contract: InputContract, batch_size: int,
                        aug: Augmentation | None, seed: int, positive_fraction: float = 0.35,
                        lesion_map: bool = True, crop: tuple[int, int] | None = None,
-                       fine_stride: int | None = None, osteoporotic_fraction: float | None = None) -> tf.data.Dataset:
+                       fine_stride: int | None = None, osteoporotic_fraction: float | None = None,
+                       hard_negatives: np.ndarray | None = None, hard_negative_fraction: float = 0.0) -> tf.data.Dataset:
     """An endless, seeded stream of (image, {"probability": label, "cam": lesion grid}) batches.
 
     Positive slices are rare, so each example is positive with ``positive_fraction``
@@ -218,35 +224,51 @@ def make_train_dataset(studies: Sequence[PreparedStudy], contract: InputContract
     ``fine_stride`` adds the lesion grid at that stride as target ``lesion_map`` (deep
     supervision of a training-only head, see ``model_zoo.train``). ``osteoporotic_fraction``
     draws that share of the positive and of the negative examples from osteoporotic studies
-    (default: in proportion to their slices).
+    (default: in proportion to their slices). ``hard_negatives`` (rows of study, slice, row,
+    col: where the model fired on lesion-free slices, see ``model_zoo.train.mine_hard_negatives``)
+    supply ``hard_negative_fraction`` of the negative examples, cropped around that spot.
     """
     positives, negatives = labelled_slices(studies)
     if len(positives) == 0 or len(negatives) == 0:
         raise ValueError("training needs both positive and negative slices")
+    if not 0.0 <= hard_negative_fraction < 1.0:
+        raise ValueError(f"hard_negative_fraction must lie in [0, 1), got {hard_negative_fraction}")
+    if hard_negative_fraction and (hard_negatives is None or len(hard_negatives) == 0):
+        raise ValueError("hard_negative_fraction needs mined hard negatives")
     pools = [osteoporosis_groups(pool, studies, osteoporotic_fraction) for pool in (positives, negatives)]
 
     def index_stream():
         rng = np.random.default_rng(seed)
         n = 0
         while True:
-            groups, weights = pools[0] if rng.random() < positive_fraction else pools[1]
+            row = col = -1
+            if rng.random() < positive_fraction:
+                groups, weights = pools[0]
+            elif hard_negative_fraction and rng.random() < hard_negative_fraction:  # draws only if enabled: old seeds replay
+                groups, weights = [hard_negatives], np.array([1.0])
+            else:
+                groups, weights = pools[1]
             pool = groups[rng.choice(len(groups), p=weights)]
-            s, k = pool[rng.integers(len(pool))]
-            yield np.int64(s), np.int64(k), np.int64(seed * 1_000_003 + n)
+            s, k, *spot = pool[rng.integers(len(pool))]
+            if spot:
+                row, col = spot
+            yield np.int64(s), np.int64(k), np.int64(seed * 1_000_003 + n), np.int64(row), np.int64(col)
             n += 1
 
     height, width = crop or (contract.height, contract.width)
     fine = fine_stride or CAM_STRIDE
 
-    def build(s, k, example_seed):
+    def build(s, k, example_seed, row, col):
         study = studies[int(s)]
-        x, mask = make_training_pair(study, int(k), contract, aug, np.random.default_rng(int(example_seed)), crop)
+        hot_spot = (int(row), int(col)) if row >= 0 else None
+        x, mask = make_training_pair(study, int(k), contract, aug, np.random.default_rng(int(example_seed)), crop,
+                                     hot_spot)
         grid = lesion_grid(mask)
         fine_grid = lesion_grid(mask, fine_stride) if fine_stride else grid
         return x, grid, fine_grid, np.float32(study.slice_labels[int(k)] == 1)
 
-    def tf_build(s, k, example_seed):
-        x, grid, fine_grid, y = tf.numpy_function(build, [s, k, example_seed], [tf.float32] * 4)
+    def tf_build(s, k, example_seed, row, col):
+        x, grid, fine_grid, y = tf.numpy_function(build, [s, k, example_seed, row, col], [tf.float32] * 4)
         x.set_shape((height, width, contract.channels))
         grid.set_shape((height // CAM_STRIDE, width // CAM_STRIDE, 1))
         fine_grid.set_shape((height // fine, width // fine, 1))
@@ -258,7 +280,7 @@ def make_train_dataset(studies: Sequence[PreparedStudy], contract: InputContract
             targets[LESION_MAP] = fine_grid
         return x, targets
 
-    spec = (tf.TensorSpec((), tf.int64),) * 3
+    spec = (tf.TensorSpec((), tf.int64),) * 5
     ds = tf.data.Dataset.from_generator(index_stream, output_signature=spec)
     ds = ds.map(tf_build, num_parallel_calls=2, deterministic=True)
     return ds.batch(batch_size, drop_remainder=True).prefetch(2)

@@ -29,8 +29,8 @@ import tf_keras  # noqa: E402
 from model_zoo.aggregation import study_probability  # noqa: E402
 from model_zoo.architectures import build_model  # noqa: E402
 from model_zoo.card import MODELS_DIR, Aggregation, ModelCard  # noqa: E402
-from model_zoo.contract import InputContract  # noqa: E402
-from model_zoo.data import CAM, LESION_MAP, PROBABILITY, Augmentation, make_train_dataset  # noqa: E402
+from model_zoo.contract import InputContract, model_input  # noqa: E402
+from model_zoo.data import CAM, CAM_STRIDE, LESION_MAP, PROBABILITY, Augmentation, make_train_dataset  # noqa: E402
 from model_zoo.dataset import DEFAULT_CACHE, PreparedStudy, load_split, split_specs, study_inputs  # noqa: E402
 from model_zoo.metrics import auc_with_ci, threshold_for_sensitivity  # noqa: E402
 
@@ -69,6 +69,42 @@ def predict_study_probabilities(model: tf_keras.Model, studies: list[PreparedStu
         prob, _cam = model.predict(study_inputs(study, contract), batch_size=batch_size, verbose=0)
         out.append(study_probability(prob[:, 0], aggregation.method, aggregation.k))
     return np.asarray(out)
+
+
+def mine_hard_negatives(model: tf_keras.Model, studies: list[PreparedStudy], contract: InputContract,
+                        top_fraction: float, batch_size: int = 32) -> tuple[np.ndarray, dict]:
+    """Where ``model`` fires on lesion-free slices, for hard-negative training.
+
+    Returns rows of (study, slice, row, col) - the strongest cam cell's centre in contract
+    pixels - for the ``top_fraction`` of lesion-free slices whose strongest cell is highest,
+    and a summary for the card. Whole slices, as the app sees them.
+    """
+    if not 0.0 < top_fraction <= 1.0:
+        raise ValueError(f"hard_negative_top must lie in (0, 1], got {top_fraction}")
+    t0 = time.time()
+    rows, logits = [], []
+    for s, study in enumerate(studies):
+        negative = np.flatnonzero(study.slice_labels == 0)
+        if len(negative):
+            inputs = model_input(study.resampled_hu, study.z_mm, study.z_mm[negative], contract)
+            cam = model.predict(inputs, batch_size=batch_size, verbose=0)[1][..., 0]
+            flat = cam.reshape(len(negative), -1)
+            cells = np.argmax(flat, axis=1)
+            r, c = np.unravel_index(cells, cam.shape[1:])
+            rows += [(s, k, CAM_STRIDE * i + CAM_STRIDE // 2, CAM_STRIDE * j + CAM_STRIDE // 2)
+                     for k, i, j in zip(negative, r, c, strict=True)]
+            logits.append(flat[np.arange(len(negative)), cells])
+        if (s + 1) % 50 == 0 or s + 1 == len(studies):
+            log.info("mined hard negatives: %d/%d studies", s + 1, len(studies))
+    if not rows:
+        raise ValueError("no lesion-free slices to mine hard negatives from")
+    logits = np.concatenate(logits)
+    keep = np.argsort(-logits, kind="stable")[:max(1, int(round(top_fraction * len(logits))))]
+    summary = {"slices": int(len(keep)), "of_lesion_free_slices": int(len(logits)),
+               "min_logit": round(float(logits[keep].min()), 3), "median_logit_all": round(float(np.median(logits)), 3),
+               "seconds": round(time.time() - t0, 1)}
+    log.info("hard negatives: %s", summary)
+    return np.asarray(rows, dtype=np.int64)[keep], summary
 
 
 def with_fine_lesion_head(model: tf_keras.Model, stride: int) -> tf_keras.Model:
@@ -164,9 +200,6 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
     epochs = int(tcfg.get("epochs", 10))
     crop = tuple(tcfg["crop"]) if tcfg.get("crop") else None
     fine_stride = int(tcfg.get("fine_lesion_map_stride", 0)) or None
-    ds = make_train_dataset(train_studies, contract, batch, Augmentation.from_dict(cfg.get("augmentation", {})),
-                            seed=seed, positive_fraction=float(tcfg.get("positive_fraction", 0.35)), crop=crop,
-                            fine_stride=fine_stride, osteoporotic_fraction=tcfg.get("osteoporotic_fraction"))
     with strategy.scope():
         def build(shape):
             return build_model(cfg["architecture"], shape, alpha=float(cfg.get("alpha", 0.35)),
@@ -198,6 +231,19 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
                 raise ValueError(f"init_weights {init} not found (run the config's previous phase first)")
             trainer.load_weights(str(init), by_name=True)
             log.info("initialised from %s", init)
+        hard_fraction = float(tcfg.get("hard_negative_fraction", 0.0))
+        hard_negatives, mining = None, None
+        if hard_fraction:
+            # Mined once, from the starting weights (also on --resume), so a resumed run sees the same data.
+            if not tcfg.get("init_weights"):
+                raise ValueError("hard_negative_fraction needs init_weights: hard negatives are mined with a trained model")
+            model.set_weights(trained.get_weights())
+            hard_negatives, mining = mine_hard_negatives(model, train_studies, contract,
+                                                         float(tcfg.get("hard_negative_top", 0.2)))
+        ds = make_train_dataset(train_studies, contract, batch, Augmentation.from_dict(cfg.get("augmentation", {})),
+                                seed=seed, positive_fraction=float(tcfg.get("positive_fraction", 0.35)), crop=crop,
+                                fine_stride=fine_stride, osteoporotic_fraction=tcfg.get("osteoporotic_fraction"),
+                                hard_negatives=hard_negatives, hard_negative_fraction=hard_fraction)
         state = {"epoch": tf.Variable(0, dtype=tf.int64), "best_auc": tf.Variable(-1.0, dtype=tf.float64),
                  "stale": tf.Variable(0, dtype=tf.int64)}
         ckpt = tf.train.Checkpoint(model=trainer, optimizer=optimizer, **state)
@@ -235,6 +281,7 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
                                                   f"{cfg.get('threshold_min_sensitivity', 0.95)}"}},
         training={"config": cfg, "seed": seed, "epochs_run": int(state["epoch"].numpy()),
                   "best_val_study_auc": round(float(state["best_auc"].numpy()), 4), "epoch_losses": losses,
+                  **({"hard_negatives": mining} if mining else {}),
                   "train_seconds": round(train_seconds, 1), "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
                   "tensorflow": tf.__version__},
     )

@@ -130,3 +130,64 @@ def test_osteoporotic_studies_can_be_over_sampled():
     assert len(only_normal) == 1
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         osteoporosis_groups(pool, studies, 1.0)
+
+
+def test_hard_negative_crops_are_centred_on_the_mined_spot():
+    from model_zoo.data import crop_window
+
+    rng = np.random.default_rng(0)
+    free, hu = np.zeros((256, 320), bool), np.zeros((256, 320), np.float32)
+    margin = 24
+    for _ in range(50):
+        rows, cols = crop_window(free, hu, (128, 160), rng, margin, hot_spot=(48, 272))
+        assert rows.start + margin <= 48 < rows.stop - margin and cols.start + margin <= 272 < cols.stop - margin
+    lesion = free.copy()
+    lesion[200:205, 20:25] = True  # a lesion, when there is one, still decides
+    rows, cols = crop_window(lesion, hu, (128, 160), rng, margin, hot_spot=(48, 272))
+    assert rows.start <= 200 < rows.stop and cols.start <= 20 < cols.stop
+
+
+def test_hard_negatives_are_mined_where_the_model_fires_on_lesion_free_slices(tiny_run):
+    import tf_keras
+
+    from model_zoo.architectures import custom_objects
+    from model_zoo.contract import model_input
+    from model_zoo.data import CAM_STRIDE, make_train_dataset
+    from model_zoo.dataset import load_split, split_specs
+    from model_zoo.train import mine_hard_negatives
+
+    cfg, _card, root = tiny_run
+    contract = InputContract.from_dict(cfg["contract"])
+    studies = load_split(split_specs(cfg)["val"], contract, root / "cache")
+    model = tf_keras.models.load_model(str(root / "model" / "model.keras"), custom_objects=custom_objects(), compile=False)
+    hard, summary = mine_hard_negatives(model, studies, contract, top_fraction=0.25)
+    n_free = sum(int(np.sum(s.slice_labels == 0)) for s in studies)
+    assert summary["of_lesion_free_slices"] == n_free and len(hard) == summary["slices"] == round(0.25 * n_free)
+    strongest = []
+    for s, k, row, col in hard:
+        assert studies[s].slice_labels[k] == 0
+        assert row % CAM_STRIDE == col % CAM_STRIDE == CAM_STRIDE // 2
+        study = studies[s]
+        cam = model.predict(model_input(study.resampled_hu, study.z_mm, study.z_mm[k:k + 1], contract), verbose=0)[1]
+        assert cam[0, row // CAM_STRIDE, col // CAM_STRIDE, 0] == pytest.approx(cam.max())
+        strongest.append(float(cam.max()))
+    assert strongest == sorted(strongest, reverse=True)  # hottest first
+    assert min(strongest) == pytest.approx(summary["min_logit"], abs=1e-3)
+    with pytest.raises(ValueError, match="needs mined hard negatives"):
+        make_train_dataset(studies, contract, 4, None, 0, hard_negative_fraction=0.5)
+
+
+def test_a_hard_negative_phase_mines_with_its_starting_weights(tiny_run, tmp_path):
+    import copy
+
+    from model_zoo.train import train
+
+    cfg, _card, root = tiny_run
+    phase = copy.deepcopy(cfg)
+    phase["training"].update({"hard_negative_fraction": 0.5, "hard_negative_top": 0.5, "epochs": 1})
+    with pytest.raises(ValueError, match="needs init_weights"):
+        train(phase, tmp_path / "m0", tmp_path / "r0", resume=False, max_minutes=None, cache_root=root / "cache")
+    phase["training"]["init_weights"] = str(root / "run" / "last.weights.h5")
+    card = train(phase, tmp_path / "model", tmp_path / "run", resume=False, max_minutes=None, cache_root=root / "cache")
+    mined = card.training["hard_negatives"]
+    assert 0 < mined["slices"] <= mined["of_lesion_free_slices"] and len(card.training["epoch_losses"]) == 1
