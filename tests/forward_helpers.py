@@ -16,7 +16,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLi
 
 from app.domain import Finding, ModelRef, Series, SliceResult, StudyResult
 
-PATIENT_NAME = "Doe^Jane^Q"
+PATIENT_NAME = "Quillfeather^Zephyrine^Q"  # not in dicognito's name lists: a random pseudonym cannot contain it
 PATIENT_ID = "PID-0042-ORIG"
 BIRTH_DATE = "19480317"
 ACCESSION = "ACC-778899"

@@ -131,7 +131,7 @@ def test_source_free_text_is_removed_but_the_ai_labels_stay(study, tmp_path):
     series, slices, results = study
     ct = copy.deepcopy(slices[0])
     request = pydicom.Dataset()
-    request.RequestedProcedureDescription = "CT for Jane Doe, room 4"
+    request.RequestedProcedureDescription = "CT for Zephyrine Quillfeather, room 4"
     ct.RequestAttributesSequence = [request]
     ct.ImageComments = "operator: Smith"
     with PseudonymStore(tmp_path / "p.sqlite") as store:
@@ -148,7 +148,7 @@ def test_private_elements_are_removed(study, tmp_path):
     series, slices, _ = study
     ds = copy.deepcopy(slices[0])
     block = ds.private_block(0x0011, "ACME SCANNER", create=True)
-    block.add_new(0x01, "LO", "operator: Doe^Jane")
+    block.add_new(0x01, "LO", "operator: Quillfeather^Zephyrine")
     with PseudonymStore(tmp_path / "p.sqlite") as store:
         (out,), _ = _deidentify(store, series, [ds])
     assert not any(elem.tag.is_private for elem in out.iterall())

@@ -123,7 +123,7 @@ def test_forward_delivers_every_instance_sr_and_key_images_deidentified(orthanc_
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         original_uids |= {ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.FrameOfReferenceUID}
     for ds in stored:
-        assert str(ds.PatientName) != PATIENT_NAME and "Doe" not in str(ds.PatientName)
+        assert str(ds.PatientName) != PATIENT_NAME and "Quillfeather" not in str(ds.PatientName)
         assert ds.PatientID != PATIENT_ID and ds.get("PatientBirthDate", "") != BIRTH_DATE
         assert ds.PatientIdentityRemoved == "YES"
         assert not uid_values(ds) & original_uids, f"an original UID reached the server in the {ds.Modality} object"

@@ -28,7 +28,7 @@ VERIFIED_AT = datetime(2025, 3, 4, 10, 30, 15, tzinfo=timezone(timedelta(hours=1
 
 
 def _case(folder, positive: bool):
-    series = patient_series(folder / "ct", "PID-9-ORIG", "Doe^Jane", seed=7)
+    series = patient_series(folder / "ct", "PID-9-ORIG", "Quillfeather^Zephyrine", seed=7)
     result = make_study_result(series, positive=positive)
     objects = build_results(series, result)
     with PseudonymStore(folder / "pseudonyms.sqlite") as store:
