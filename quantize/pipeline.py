@@ -30,7 +30,7 @@ from model_zoo.architectures import custom_objects  # noqa: E402
 from model_zoo.card import ModelCard, ModelError, Variant, load_card  # noqa: E402
 from model_zoo.contract import model_input  # noqa: E402
 from quantize import export, measure, report  # noqa: E402
-from quantize.finetune import fine_tune, run_as_at_inference  # noqa: E402
+from quantize.finetune import fine_tune  # noqa: E402
 from quantize.prune import layer_sparsity, prunable_sparsity, prune  # noqa: E402
 from quantize.qat import calibrate_activation_ranges, quantize_aware  # noqa: E402
 from quantize.recipe import REFERENCE_VARIANT, VARIANTS, Recipe  # noqa: E402
@@ -84,7 +84,6 @@ def _trained_models(float_model: tf_keras.Model, recipe: Recipe, sources: DataSo
         tf_keras.utils.set_random_seed(recipe.seed + offset)
         models[name] = quantize_aware(models[source], preserve_sparsity=name == "pqat")
         data = sources.finetune(recipe.batch_size, recipe.seed + offset)
-        run_as_at_inference(models[name])
         calibrate_activation_ranges(models[name], data, config.calibration_batches)
         losses[name] = fine_tune(models[name], float_model, data, config.steps, config.learning_rate, name)
     layers = {name: layer_sparsity(m) for name, m in models.items()}

@@ -26,6 +26,7 @@ from tensorflow_model_optimization.python.core.quantization.keras import quant_o
 
 from model_zoo.architectures import HardSigmoid, HardSwish, custom_objects  # noqa: E402
 from model_zoo.card import ModelError  # noqa: E402
+from quantize.finetune import run_as_at_inference  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,11 @@ def calibrate_activation_ranges(model: tf_keras.Model, dataset: tf.data.Dataset,
     after a few hundred fine-tuning steps the ranges are still mostly [-6, 6]: cam logits
     clipped at 6 (every strong slice tied), wider activations clipped. Forward passes in
     training mode with a fast moving average (eager, so the patched op is the one run)
-    calibrate them first; weights do not change.
+    calibrate them first; weights do not change. BatchNorm and dropout are set to their
+    inference behaviour first (``run_as_at_inference``), so the ranges are those of the
+    function the app runs.
     """
+    run_as_at_inference(model)
     with _range_ema_decay(decay):
         for image, _targets in dataset.take(batches):
             model(image, training=True)

@@ -187,7 +187,7 @@ def write_report(path: Path, *, header: dict, metrics: dict[str, dict], threads:
     for name, rows in layers.items():
         lines += [f"<details><summary>Per-layer sparsity: {name}</summary>", "", layer_table(rows), "", "</details>", ""]
     if losses:
-        lines += ["## Fine-tuning (distillation: MSE between the variant's and the float model's cam logits)", ""]
+        lines += ["## Fine-tuning (distillation: MSE, above a floor, between the variant's and the float model's cam logits and their maximum)", ""]
         lines += [f"- {stage}: running mean loss {', '.join(f'{v:.5f}' for v in values)}" for stage, values in losses.items()]
         lines.append("")
     path.write_text("\n".join(lines))
