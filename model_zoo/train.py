@@ -149,12 +149,18 @@ class StudyAUCCheckpoint(tf_keras.callbacks.Callback):
         self.manager, self.state, self.best_path = manager, state, best_path
         self.patience, self.deadline = patience, deadline
         self.y = np.array([int(s.positive) for s in val])
+        self.aucs: list[float] = []  # per epoch of this run
 
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+    def validation_auc(self) -> float:
+        """Study AUC on the validation split of the weights being trained, as the app would score them."""
         if self.trained is not self.full:
             self.full.set_weights(self.trained.get_weights())
         probs = predict_study_probabilities(self.full, self.val, self.contract, self.aggregation)
-        auc = auc_with_ci(self.y, probs, n_boot=200).value
+        return auc_with_ci(self.y, probs, n_boot=200).value
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        auc = self.validation_auc()
+        self.aucs.append(round(auc, 4))
         if logs is not None:
             logs["val_study_auc"] = auc
         self.state["epoch"].assign(epoch + 1)
@@ -259,6 +265,11 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
     callback = StudyAUCCheckpoint(model, trained, val_studies, contract, aggregation, manager, state, best_path,
                                   int(tcfg.get("patience", 4)), deadline)
     start_epoch = int(state["epoch"].numpy())
+    start_auc = None
+    if tcfg.get("init_weights") and start_epoch == 0:
+        # A phase must start where the previous one ended: a wrong or stale init_weights file shows here.
+        start_auc = round(callback.validation_auc(), 4)
+        log.info("starting weights: val study AUC %.4f", start_auc)
     losses: list[float] = []
     if start_epoch < epochs:
         history = trainer.fit(ds, epochs=epochs, initial_epoch=start_epoch, steps_per_epoch=steps,
@@ -281,6 +292,8 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
                                                   f"{cfg.get('threshold_min_sensitivity', 0.95)}"}},
         training={"config": cfg, "seed": seed, "epochs_run": int(state["epoch"].numpy()),
                   "best_val_study_auc": round(float(state["best_auc"].numpy()), 4), "epoch_losses": losses,
+                  "epoch_val_study_auc": callback.aucs,
+                  **({"start_val_study_auc": start_auc} if start_auc is not None else {}),
                   **({"hard_negatives": mining} if mining else {}),
                   "train_seconds": round(train_seconds, 1), "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
                   "tensorflow": tf.__version__},

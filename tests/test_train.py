@@ -99,13 +99,20 @@ def test_a_second_phase_starts_from_the_first_phase_weights(tiny_run, tmp_path):
     from model_zoo.train import train
 
     cfg, _card, root = tiny_run
-    last = root / "run" / "last.weights.h5"
+    phase1 = copy.deepcopy(cfg)
+    phase1["training"]["epochs"] = 1
+    first = train(phase1, tmp_path / "model1", tmp_path / "run1", resume=False, max_minutes=None,
+                  cache_root=root / "cache")
+    last = tmp_path / "run1" / "last.weights.h5"
     assert last.is_file()  # written after every epoch, for a next phase
     phase2 = copy.deepcopy(cfg)
     phase2["training"].update({"init_weights": str(last), "epochs": 1, "crop": None})
     card = train(phase2, tmp_path / "model", tmp_path / "run", resume=False, max_minutes=None,
                  cache_root=root / "cache")
     assert card.training["config"]["training"]["init_weights"] == str(last)
+    # The second phase starts with the weights the first ended with, and says how good they were.
+    assert card.training["start_val_study_auc"] == first.training["epoch_val_study_auc"][-1]
+    assert len(card.training["epoch_val_study_auc"]) == 1
     phase2["training"]["init_weights"] = str(tmp_path / "missing.h5")
     with pytest.raises(ValueError, match="run the config's previous phase first"):
         train(phase2, tmp_path / "model2", tmp_path / "run2", resume=False, max_minutes=None, cache_root=root / "cache")
