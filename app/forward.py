@@ -297,20 +297,29 @@ def _status(outbox: Outbox) -> int:
     return EXIT_OK
 
 
-def _flush(outbox: Outbox, args) -> int:
-    settings = resolve_settings(server=args.server, user=args.user)
-    queued = outbox.cases(state=CaseState.QUEUED)
-    # With a configured server only its cases go out; otherwise each case to the server it was queued for.
-    destinations = [settings.url] if settings.url else sorted({c.destination for c in queued})
-    if not queued:
-        print("outbox: nothing to deliver")
-        return EXIT_OK
+def _destinations(outbox: Outbox, settings: ServerSettings) -> list[str]:
+    """With a configured server only its cases go out; otherwise each case to the server it was queued for."""
+    return [settings.url] if settings.url else sorted({c.destination for c in outbox.cases(state=CaseState.QUEUED)})
+
+
+def _deliver_round(outbox: Outbox, settings: ServerSettings, destinations: Sequence[str],
+                   force: bool) -> list[DeliveryReport]:
     reports = []
     for url in destinations:
         with DicomWebClient(replace(settings, url=url)) as client:
-            reports.append(_deliver_reporting_busy(outbox, client, force=True))
+            reports.append(_deliver_reporting_busy(outbox, client, force=force))
     for report in reports:
         _print_outcomes(report)
+    return reports
+
+
+def _flush(outbox: Outbox, args) -> int:
+    settings = resolve_settings(server=args.server, user=args.user)
+    if not outbox.cases(state=CaseState.QUEUED):
+        print("outbox: nothing to deliver")
+        return EXIT_OK
+    destinations = _destinations(outbox, settings)
+    reports = _deliver_round(outbox, settings, destinations, force=True)
     left = outbox.cases(state=CaseState.QUEUED)
     elsewhere = [c for c in left if c.destination not in destinations]
     if elsewhere:
@@ -324,7 +333,37 @@ def _flush(outbox: Outbox, args) -> int:
     return EXIT_QUEUED
 
 
+WATCH_MAX_SLEEP_S = 300.0  # look at the outbox at least this often: the UI may queue new cases meanwhile
+WATCH_MIN_SLEEP_S = 2.0  # after a round that left a case due (another process was delivering)
+
+
+def watch(outbox: Outbox, settings: ServerSettings, sleep: Callable[[float], None] | None = None) -> int:
+    """Deliver every queued case when its automatic retry falls due (exponential backoff,
+    ``outbox_backoff_s`` doubling up to ``outbox_backoff_max_s``), until none is left queued
+    for ``settings.url`` (or, without one, for any server). Returns ``EXIT_OK`` then; Ctrl-C
+    (KeyboardInterrupt) is left to the caller. For a clinic whose network comes and goes:
+    left running, it empties the outbox without anyone pressing "retry"."""
+    just_tried = False
+    while True:
+        destinations = _destinations(outbox, settings)
+        waiting = [c for c in outbox.cases(state=CaseState.QUEUED) if c.destination in destinations]
+        if not waiting:
+            print("outbox: every case delivered")
+            return EXIT_OK
+        now, due = time.time(), min(c.next_attempt_at for c in waiting)
+        if due <= now and not just_tried:
+            _deliver_round(outbox, settings, destinations, force=False)
+            just_tried = True
+            continue
+        just_tried = False
+        print(f"outbox: {len(waiting)} case(s) queued; next try in {max(0.0, due - now):.0f} s", file=sys.stderr)
+        (sleep or time.sleep)(min(WATCH_MAX_SLEEP_S, max(WATCH_MIN_SLEEP_S, due - now)))
+
+
 def outbox_cli(args) -> int:
-    """``python -m app.cli outbox status|flush``: flush exits 0 when the outbox is empty of queued cases, else 3."""
+    """``python -m app.cli outbox status|flush|watch``: flush exits 0 when the outbox is empty of queued
+    cases, else 3; watch returns 0 once it is empty."""
     with open_outbox() as outbox:
+        if args.action == "watch":
+            return watch(outbox, resolve_settings(server=args.server, user=args.user))
         return _status(outbox) if args.action == "status" else _flush(outbox, args)

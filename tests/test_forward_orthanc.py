@@ -23,7 +23,15 @@ from model_helpers import shared_tiny_model
 
 from app.cli import main
 from app.dicomweb import DicomWebClient
-from app.forward import deliver_pending, enqueue_case, open_outbox, open_pseudonyms, retry_now
+from app.forward import (
+    WATCH_MIN_SLEEP_S,
+    deliver_pending,
+    enqueue_case,
+    open_outbox,
+    open_pseudonyms,
+    retry_now,
+    watch,
+)
 from app.outbox import CaseState, ItemState
 from app.settings import ServerSettings
 from tests import orthanc_helpers
@@ -209,6 +217,31 @@ def test_server_down_at_forward_time_exits_3_then_flush_delivers(orthanc_factory
     assert case_state(app_data, case.case_id).state == CaseState.DELIVERED
     assert main(["outbox", "flush"]) == 0  # nothing left: a second flush is a no-op
     assert_server_holds_exactly(server, expected)
+
+
+def test_outbox_watch_retries_when_due_and_delivers_once_the_server_is_back(orthanc_factory, ct, app_data,
+                                                                            monkeypatch, capsys):
+    _, series = ct
+    server = orthanc_factory(start=False)  # down when the watch starts
+    settings = settings_for(server.dicomweb_url, outbox_backoff_s=0.5)  # first automatic retry within 0.5 s
+    case_id, expected = queue(series, settings, app_data)
+    waits = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        state = case_state(app_data, case_id)  # the first try failed; the case waits for its retry
+        assert state.state == CaseState.QUEUED and state.attempts == 1 and "unreachable" in state.last_error
+        server.start()
+        time.sleep(seconds)
+
+    with open_outbox(app_data) as outbox:
+        assert watch(outbox, settings, sleep=sleep) == 0
+    assert waits == [WATCH_MIN_SLEEP_S]  # one wait: the retry was due after it
+    assert case_state(app_data, case_id).state == CaseState.DELIVERED
+    assert_server_holds_exactly(server, expected)
+    monkeypatch.setenv("TELERAD_URL", server.dicomweb_url)
+    assert main(["outbox", "watch"]) == 0  # nothing queued: returns at once
+    assert "every case delivered" in capsys.readouterr().out
 
 
 def test_wrong_password_is_reported_without_the_secret_then_delivery_succeeds(orthanc_factory, ct, app_data,
