@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
             page.get_by_role("button", name="Show").first.click()  # viewer on the most suspicious key image
             page.wait_for_timeout(1500)
             page.get_by_text("Slice viewer").scroll_into_view_if_needed()
-            page.evaluate("window.scrollTo(0, 0)")
+            # Streamlit scrolls its main container, not the window: back to the top of both.
+            page.evaluate("window.scrollTo(0, 0); document.querySelectorAll('[data-testid=stMain], section.main')"
+                          ".forEach(e => e.scrollTo(0, 0))")
+            page.wait_for_timeout(500)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(args.out))
     print(f"wrote {args.out} ({label}, result after {seconds:.1f} s)")
