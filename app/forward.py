@@ -297,9 +297,9 @@ def _status(outbox: Outbox) -> int:
     return EXIT_OK
 
 
-def _destinations(outbox: Outbox, settings: ServerSettings) -> list[str]:
+def _destinations(queued: Sequence[CaseInfo], settings: ServerSettings) -> list[str]:
     """With a configured server only its cases go out; otherwise each case to the server it was queued for."""
-    return [settings.url] if settings.url else sorted({c.destination for c in outbox.cases(state=CaseState.QUEUED)})
+    return [settings.url] if settings.url else sorted({c.destination for c in queued})
 
 
 def _deliver_round(outbox: Outbox, settings: ServerSettings, destinations: Sequence[str],
@@ -315,10 +315,11 @@ def _deliver_round(outbox: Outbox, settings: ServerSettings, destinations: Seque
 
 def _flush(outbox: Outbox, args) -> int:
     settings = resolve_settings(server=args.server, user=args.user)
-    if not outbox.cases(state=CaseState.QUEUED):
+    queued = outbox.cases(state=CaseState.QUEUED)
+    if not queued:
         print("outbox: nothing to deliver")
         return EXIT_OK
-    destinations = _destinations(outbox, settings)
+    destinations = _destinations(queued, settings)
     reports = _deliver_round(outbox, settings, destinations, force=True)
     left = outbox.cases(state=CaseState.QUEUED)
     elsewhere = [c for c in left if c.destination not in destinations]
@@ -345,8 +346,9 @@ def watch(outbox: Outbox, settings: ServerSettings, sleep: Callable[[float], Non
     left running, it empties the outbox without anyone pressing "retry"."""
     just_tried = False
     while True:
-        destinations = _destinations(outbox, settings)
-        waiting = [c for c in outbox.cases(state=CaseState.QUEUED) if c.destination in destinations]
+        queued = outbox.cases(state=CaseState.QUEUED)
+        destinations = _destinations(queued, settings)
+        waiting = [c for c in queued if c.destination in destinations]
         if not waiting:
             print("outbox: every case delivered")
             return EXIT_OK
