@@ -204,41 +204,20 @@ def _z_taps(n_slices: int, z_mm: np.ndarray, target_z_mm: np.ndarray,
     return lo, hi, w
 
 
-class _Planes:
-    """Scratch planes for the targets of one call: two for z interpolation, one per channel."""
-
-    def __init__(self, shape: tuple[int, ...], stack_dtype: np.dtype, channels: int):
-        self.key = (shape, stack_dtype, channels)
-        self.a = np.empty(shape, stack_dtype)
-        self.b = np.empty(shape, stack_dtype)
-        self.channels = np.empty((channels, *shape), _window_dtype(stack_dtype))
-
-
-_thread_scratch = threading.local()
-
-
-def _scratch_planes(shape: tuple[int, ...], stack_dtype: np.dtype, channels: int) -> _Planes:
-    """This thread's scratch planes, kept between calls: fresh megabyte buffers on every call
-    cost more in page faults than the arithmetic (measured: a third of ``model_input``)."""
-    planes = getattr(_thread_scratch, "planes", None)
-    if planes is None or planes.key != (shape, stack_dtype, channels):
-        planes = _thread_scratch.planes = _Planes(shape, stack_dtype, channels)
-    return planes
-
-
-def _z_plane(slices: Sequence[np.ndarray], lo: int, hi: int, w: np.float32, scratch: _Planes) -> np.ndarray:
+def _z_plane(slices: Sequence[np.ndarray], lo: int, hi: int, w: np.float32, out: np.ndarray,
+             part: np.ndarray) -> np.ndarray:
     """The HU plane between slices ``lo`` and ``hi``: slices[lo] * (1 - w) + slices[hi] * w.
 
-    A weight of exactly 0 or 1 returns the slice itself (the same values, no arithmetic).
+    A weight of exactly 0 or 1 returns the slice itself (the same values, no arithmetic);
+    otherwise the plane is computed into ``out`` (``part``: scratch of the same shape and dtype).
     """
     if w == 0:
         return slices[lo]
     if w == 1:
         return slices[hi]
-    dtype = scratch.a.dtype
-    np.multiply(slices[lo], np.float32(1.0) - w, out=scratch.a, dtype=dtype)
-    np.multiply(slices[hi], w, out=scratch.b, dtype=dtype)
-    return np.add(scratch.a, scratch.b, out=scratch.a)
+    np.multiply(slices[lo], np.float32(1.0) - w, out=out, dtype=out.dtype)
+    np.multiply(slices[hi], w, out=part, dtype=out.dtype)
+    return np.add(out, part, out=out)
 
 
 def _stack_dtype(slices: Sequence[np.ndarray]) -> np.dtype:
@@ -264,9 +243,9 @@ def stack_25d(resampled_hu: np.ndarray, z_mm: np.ndarray, target_z_mm: np.ndarra
     shape = np.shape(resampled_hu[0])
     dtype = _stack_dtype(resampled_hu)
     out = np.empty((len(lo), *shape, lo.shape[1]), dtype)
-    scratch = _Planes(shape, dtype, 0)
+    plane, part = np.empty(shape, dtype), np.empty(shape, dtype)
     for i, k in np.ndindex(lo.shape):
-        out[i, ..., k] = _z_plane(resampled_hu, lo[i, k], hi[i, k], w[i, k], scratch)
+        out[i, ..., k] = _z_plane(resampled_hu, lo[i, k], hi[i, k], w[i, k], plane, part)
     return out
 
 
@@ -291,32 +270,84 @@ def apply_windows(stacked_hu: np.ndarray, contract: InputContract) -> np.ndarray
     return out
 
 
+# Multiply-adds per matrix product in ``model_input``: OpenBLAS computes products up to
+# 2**18 in the calling thread and spreads larger ones over threads, which spin on the
+# cores the pipeline and the interpreter need (measured: three times the CPU time).
+# Small blocks are also still in cache for the clip.
+_SINGLE_THREAD_PRODUCT = 2**18
+
+
+@functools.lru_cache(maxsize=16)
+def _window_matrix(windows: tuple[Window, ...], n_offsets: int) -> np.ndarray:
+    """(n_offsets + 1, channels) float32 mapping the HU planes of a target plus a row of ones
+    to the unclipped channels: channel j * n_offsets + k = plane_k / width_j - low_j / width_j."""
+    matrix = np.zeros((n_offsets + 1, n_offsets * len(windows)), np.float64)
+    for j, win in enumerate(windows):
+        for k in range(n_offsets):
+            matrix[k, j * n_offsets + k] = 1.0 / win.width
+            matrix[n_offsets, j * n_offsets + k] = -(win.level - win.width / 2.0) / win.width
+    matrix = matrix.astype(np.float32)
+    matrix.setflags(write=False)
+    return matrix
+
+
+class _TargetPlanes:
+    """Scratch for ``model_input``: the HU planes of one target plus a plane of ones, and a spare plane."""
+
+    def __init__(self, shape: tuple[int, ...], n_offsets: int):
+        self.key = (shape, n_offsets)
+        self.stack = np.empty((n_offsets + 1, *shape), np.float32)
+        self.stack[n_offsets] = 1.0
+        self.part = np.empty(shape, np.float32)
+
+
+_thread_scratch = threading.local()
+
+
+def _target_planes(shape: tuple[int, ...], n_offsets: int) -> _TargetPlanes:
+    """This thread's scratch, kept between calls: fresh megabyte buffers on every call
+    cost more in page faults than the arithmetic (measured: a third of ``model_input``)."""
+    planes = getattr(_thread_scratch, "planes", None)
+    if planes is None or planes.key != (shape, n_offsets):
+        planes = _thread_scratch.planes = _TargetPlanes(shape, n_offsets)
+    return planes
+
+
 def model_input(resampled_hu: np.ndarray, z_mm: np.ndarray, target_z_mm: np.ndarray, contract: InputContract,
                 *, out: np.ndarray | None = None) -> np.ndarray:
     """Model input for target positions, from slices already on the contract grid.
 
-    The same values as ``apply_windows(stack_25d(...))``, built one target at a time:
-    each interpolated plane is windowed straight into a channel plane, and the
-    channels are interleaved into the output once. ``resampled_hu`` may also be a
-    sequence of (height, width) planes. ``out``, a float32 (m, height, width,
-    channels) array, receives the result instead of a new array (a caller that
-    reuses its buffers saves their page faults).
+    The values of ``apply_windows(stack_25d(...))`` up to float32 rounding (within 1e-6),
+    built one target at a time: its interpolated HU planes (in float32) and a plane of
+    ones are mapped to all channels by one matrix product, written straight into the
+    NHWC output, then clipped. (Windowing plane by plane and interleaving the channels
+    cost three times as much.) ``resampled_hu`` may also be a sequence of (height, width)
+    planes. ``out``, a C-contiguous float32 (m, height, width, channels) array, receives
+    the result instead of a new array (a caller that reuses its buffers saves their page faults).
     """
     lo, hi, w = _z_taps(len(resampled_hu), z_mm, target_z_mm, contract)
     n_offsets = lo.shape[1]
     shape = np.shape(resampled_hu[0])
+    want = (len(lo), *shape, contract.channels)
     if out is None:
-        out = np.empty((len(lo), *shape, contract.channels), np.float32)
-    elif out.shape != (len(lo), *shape, contract.channels) or out.dtype != np.float32:
-        raise ValueError(f"out must be float32 {(len(lo), *shape, contract.channels)}, got {out.dtype} {out.shape}")
-    scratch = _scratch_planes(shape, _stack_dtype(resampled_hu), contract.channels)
+        out = np.empty(want, np.float32)
+    elif out.shape != want or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {want}, got {out.dtype} {out.shape}")
+    scratch = _target_planes(shape, n_offsets)
+    planes = scratch.stack.reshape(n_offsets + 1, -1).T  # (pixels, n_offsets + 1), a view
+    matrix = _window_matrix(contract.windows, n_offsets)
+    block_pixels = max(1, _SINGLE_THREAD_PRODUCT // matrix.size)
     for i in range(len(lo)):
         for k in range(n_offsets):
-            plane = _z_plane(resampled_hu, lo[i, k], hi[i, k], w[i, k], scratch)
-            for j, win in enumerate(contract.windows):
-                _window_into(plane, win, scratch.channels[j * n_offsets + k])
-        for c, channel in enumerate(scratch.channels):  # NHWC: one strided copy per channel
-            out[i, ..., c] = channel
+            row = scratch.stack[k]
+            plane = _z_plane(resampled_hu, lo[i, k], hi[i, k], w[i, k], row, scratch.part)
+            if plane is not row:  # an exact slice, returned as it is
+                np.copyto(row, plane, casting="same_kind")
+        target = out[i].reshape(-1, contract.channels)
+        for start in range(0, len(target), block_pixels):
+            block = target[start:start + block_pixels]
+            np.matmul(planes[start:start + block_pixels], matrix, out=block)
+            np.clip(block, np.float32(0.0), np.float32(1.0), out=block)
     return out
 
 

@@ -215,8 +215,11 @@ def test_model_input_writes_into_a_given_array_and_checks_it():
     out = np.full((3, 16, 24, C.channels), np.nan, np.float32)
     assert model_input(planes, z, z[1:4], C, out=out) is out
     np.testing.assert_array_equal(out, model_input(planes, z, z[1:4], C))
-    with pytest.raises(ValueError, match="out must be float32"):
+    with pytest.raises(ValueError, match="out must be a C-contiguous float32 array"):
         model_input(planes, z, z[1:4], C, out=np.empty((2, 16, 24, C.channels), np.float32))
+    strided = np.empty((3, 16, 24, 2 * C.channels), np.float32)[..., ::2]  # right shape, but a view with gaps
+    with pytest.raises(ValueError, match="out must be a C-contiguous float32 array"):
+        model_input(planes, z, z[1:4], C, out=strided)
 
 
 def test_model_input_from_two_threads_at_once_is_correct():
@@ -226,7 +229,9 @@ def test_model_input_from_two_threads_at_once_is_correct():
     rng = np.random.default_rng(6)
     volumes = [rng.normal(0, 600, (6, 20, 28)).astype(np.float32) for _ in range(2)]
     z = np.arange(6) * 2.57
-    expected = [reference_windows(reference_stack(v, z, z, C), C) for v in volumes]
+    expected = [model_input(v, z, z, C) for v in volumes]  # computed alone, in this thread
+    for v, want in zip(volumes, expected, strict=True):
+        assert_same(want, reference_windows(reference_stack(v, z, z, C), C))
     failures = []
 
     def work(v, want):
