@@ -161,7 +161,7 @@ def _slice_results(result):
 
 
 class SeriesOnlyAnalyzer:
-    """What the UI's turn-taking wrapper offers: ``analyze_series`` (no streaming)."""
+    """An analyzer wrapper offering ``analyze_series`` only: ``analyze_paths`` decodes the series first."""
 
     def __init__(self, analyzer: Analyzer):
         self._analyzer = analyzer

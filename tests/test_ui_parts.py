@@ -78,6 +78,24 @@ def test_a_job_analyses_and_keeps_its_files_for_forwarding(shared_model, positiv
     assert not job.root.exists()
 
 
+def test_a_job_decodes_the_pixels_while_the_model_runs(shared_model, positive_zip, monkeypatch):
+    streamed = []
+    analyze_pending = shared_model.analyzer.analyze_pending
+
+    def spy(pending, **kwargs):
+        streamed.append(pending.n_slices)
+        return analyze_pending(pending, **kwargs)
+
+    monkeypatch.setattr(shared_model.analyzer, "analyze_pending", spy)
+    job = AnalysisJob("ct.zip", copy_of(positive_zip), shared_model).start()
+    assert job.wait(WAIT_S)
+    (series, result), = job.outcome.studies
+    assert streamed == [24]  # the engine's streaming path, as in the command line
+    expected = shared_model.analyzer.analyze_series(series)
+    assert [s.probability for s in result.slices] == [s.probability for s in expected.slices]
+    job.cleanup()
+
+
 def test_a_job_reports_progress_through_every_stage(shared_model, positive_zip):
     seen: list[str] = []
     job = AnalysisJob("ct.zip", copy_of(positive_zip), shared_model)
@@ -127,11 +145,11 @@ def test_cancel_during_inference_reaches_the_engine(positive_zip, shared_model):
     class SlowAnalyzer:  # stands in for Analyzer: blocks until the job's cancel event is set
         card, model_ref = shared_model.analyzer.card, shared_model.analyzer.model_ref
 
-        def analyze_series(self, series, progress=None, cancel=None):
+        def analyze_pending(self, pending, progress=None, cancel=None):
             while not cancel.is_set():
                 time.sleep(0.01)
             cancel_seen.set()
-            progress(1, series.n_slices)  # the job's progress callback stops the run from here
+            progress(1, pending.n_slices)  # the job's progress callback stops the run from here
             raise AssertionError("not reached")
 
     job = AnalysisJob("ct.zip", copy_of(positive_zip), SharedModel(SlowAnalyzer())).start()

@@ -10,18 +10,19 @@ No Streamlit here: the module is tested directly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePath
 from typing import Protocol
 
 from app.domain import AppError, Series, StudyResult
 from app.engine import AnalysisCancelled, Analyzer, analyze_paths
-from app.ingest import IngestLimits, InputError
+from app.ingest import IngestLimits, InputError, PendingSeries
 from model_zoo.card import ModelCard
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,11 @@ class JobOutcome:
 
 
 class _TurnTakingAnalyzer:
-    """The analyzer interface ``analyze_paths`` needs; waits for the shared model's lock first."""
+    """The analyzer interface ``analyze_paths`` needs; waits for the shared model's lock first.
+
+    Offers ``analyze_pending`` too, so a study's pixels are decoded while the model runs
+    (the engine's streaming pipeline), as in the command-line ``analyze``.
+    """
 
     def __init__(self, shared: SharedModel, report: Callable[[str, int, int], None],
                  cancel: threading.Event) -> None:
@@ -101,13 +106,23 @@ class _TurnTakingAnalyzer:
         self.card = shared.analyzer.card
         self.model_ref = shared.analyzer.model_ref
 
-    def analyze_series(self, series: Series, progress=None, cancel: threading.Event | None = None) -> StudyResult:
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
         while not self._shared.lock.acquire(timeout=LOCK_POLL_S):
             self._report("wait", 0, 0)  # raises AnalysisCancelled once cancel is set
         try:
-            return self._shared.analyzer.analyze_series(series, progress=progress, cancel=cancel or self._cancel)
+            yield
         finally:
             self._shared.lock.release()
+
+    def analyze_series(self, series: Series, progress=None, cancel: threading.Event | None = None) -> StudyResult:
+        with self._turn():
+            return self._shared.analyzer.analyze_series(series, progress=progress, cancel=cancel or self._cancel)
+
+    def analyze_pending(self, pending: PendingSeries, progress=None,
+                        cancel: threading.Event | None = None) -> tuple[Series, StudyResult] | None:
+        with self._turn():
+            return self._shared.analyzer.analyze_pending(pending, progress=progress, cancel=cancel or self._cancel)
 
 
 class AnalysisJob:
