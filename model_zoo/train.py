@@ -28,11 +28,12 @@ import tf_keras  # noqa: E402
 
 from model_zoo.aggregation import study_probability  # noqa: E402
 from model_zoo.architectures import build_model  # noqa: E402
+from model_zoo.calibrate import calibrate  # noqa: E402
 from model_zoo.card import MODELS_DIR, Aggregation, ModelCard  # noqa: E402
 from model_zoo.contract import InputContract, model_input  # noqa: E402
 from model_zoo.data import CAM, CAM_STRIDE, LESION_MAP, PROBABILITY, Augmentation, make_train_dataset  # noqa: E402
 from model_zoo.dataset import DEFAULT_CACHE, PreparedStudy, load_split, split_specs, study_inputs  # noqa: E402
-from model_zoo.metrics import auc_with_ci, threshold_for_sensitivity  # noqa: E402
+from model_zoo.metrics import auc_with_ci  # noqa: E402
 
 log = logging.getLogger("model_zoo.train")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -278,21 +279,22 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
     model.load_weights(str(best_path))
     train_seconds = time.time() - t0
 
-    val_probs = predict_study_probabilities(model, val_studies, contract, aggregation)
-    y_val = [int(s.positive) for s in val_studies]
-    threshold = threshold_for_sensitivity(y_val, val_probs, float(cfg.get("threshold_min_sensitivity", 0.95)))
+    # Over-confident raw probabilities are rescaled in the weights (see model_zoo.calibrate);
+    # the threshold is chosen on the calibrated validation probabilities.
+    calibration = calibrate(model, val_studies, contract, aggregation, float(cfg.get("threshold_min_sensitivity", 0.95)))
+    threshold = calibration["threshold"]
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save(str(out_dir / KERAS_FILE))
     card = ModelCard(
         name=cfg["name"], version=cfg["version"], architecture=cfg["architecture"], contract=contract,
         threshold=threshold, aggregation=aggregation, description=cfg.get("description", ""),
         keras_file=KERAS_FILE,
-        metrics={"validation": {"auc": round(auc_with_ci(y_val, val_probs, n_boot=500, seed=seed).value, 4),
+        metrics={"validation": {"auc": calibration["val_auc"],
                                 "threshold_rule": f"highest threshold with validation sensitivity >= "
                                                   f"{cfg.get('threshold_min_sensitivity', 0.95)}"}},
         training={"config": cfg, "seed": seed, "epochs_run": int(state["epoch"].numpy()),
                   "best_val_study_auc": round(float(state["best_auc"].numpy()), 4), "epoch_losses": losses,
-                  "epoch_val_study_auc": callback.aucs,
+                  "epoch_val_study_auc": callback.aucs, "calibration": calibration,
                   **({"start_val_study_auc": start_auc} if start_auc is not None else {}),
                   **({"hard_negatives": mining} if mining else {}),
                   "train_seconds": round(train_seconds, 1), "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",

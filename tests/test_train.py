@@ -1,7 +1,6 @@
 """A tiny end-to-end training run: phantoms -> contract -> tf.data -> MobileNetV2 -> card."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,18 +8,7 @@ import pytest
 from model_zoo.card import load_card, sha256_file
 from model_zoo.contract import InputContract
 
-CONFIG = Path(__file__).resolve().parent.parent / "model_zoo" / "configs" / "tiny.json"
 pytestmark = pytest.mark.tf
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from model_zoo.train import load_config, train
-
-    root = tmp_path_factory.mktemp("train")
-    cfg = load_config(CONFIG)
-    card = train(cfg, root / "model", root / "run", resume=False, max_minutes=None, cache_root=root / "cache")
-    return cfg, card, root
 
 
 def test_tiny_training_reduces_loss_and_writes_a_card(tiny_run):
@@ -74,7 +62,7 @@ def test_lesion_cells_weigh_more_in_the_cam_loss():
 
 
 def test_training_crops_are_cut_from_the_contract_tensor(tiny_run):
-    """Without augmentation a training crop is exactly a window of the app's tensor, with its lesion mask."""
+    """Without augmentation a training crop is a window of the app's tensor (to float32 rounding), with its lesion mask."""
     from model_zoo.data import make_example, make_training_pair
     from model_zoo.dataset import load_split, split_specs
 
@@ -87,7 +75,7 @@ def test_training_crops_are_cut_from_the_contract_tensor(tiny_run):
     whole = make_example(study, k, contract)
     assert x.shape == (*crop, contract.channels) and mask.shape == crop and mask.any()
     hits = [(r, c) for r in range(contract.height - crop[0] + 1) for c in range(contract.width - crop[1] + 1)
-            if np.array_equal(whole[r:r + crop[0], c:c + crop[1]], x)]
+            if np.abs(whole[r:r + crop[0], c:c + crop[1]] - x).max() <= 1e-6]
     assert hits
     r, c = hits[0]
     assert np.array_equal(study.lesion_mask[k][r:r + crop[0], c:c + crop[1]], mask)
