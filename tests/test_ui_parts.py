@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -242,6 +243,11 @@ def test_model_card_view(shared_model):
     facts = dict(card_facts(card, ref))
     assert facts["Name"] == "tiny-test" and facts["Decision threshold"] == "0.500"
     assert facts["File sha256"] == ref.sha256 and facts["Variant"] == "float32"
+    assert facts["Probabilities"].startswith("not calibrated")
+    calibrated = replace(card, training={"calibration": {"fitted_on": "validation split, 160 studies",
+                                                         "val_ece_before": 0.37, "val_ece_after": 0.04}})
+    assert dict(card_facts(calibrated, ref))["Probabilities"] == (
+        "calibrated on the validation split, 160 studies (expected calibration error 0.37 -> 0.04)")
     metrics = {
         "validation": {"auc": 0.91, "threshold_rule": "highest threshold with sensitivity >= 0.9"},
         "test": {"n_studies": 200, "n_positive": 100, "auc": {"value": 0.93, "ci95": [0.9, 0.96]},

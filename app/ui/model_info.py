@@ -42,11 +42,20 @@ def card_facts(card: ModelCard, ref: ModelRef) -> list[tuple[str, str]]:
         ("Architecture", card.architecture),
         ("Decision threshold", f"{card.threshold:.3f}"),
         ("Study score", f"{card.aggregation.method.replace('_', ' ')} (k = {card.aggregation.k}) of slice probabilities"),
+        ("Probabilities", _calibration_fact(card.training.get("calibration"))),
         ("File sha256", ref.sha256),
     ]
     if card.description:
         facts.append(("Description", card.description))
     return facts
+
+
+def _calibration_fact(record: dict | None) -> str:
+    """Whether a probability can be read as one (``model_zoo.calibrate``'s record in the card)."""
+    if not isinstance(record, dict):
+        return "not calibrated: a score for ranking, not the chance of disease"
+    return (f"calibrated on the {record.get('fitted_on', 'validation split')} "
+            f"(expected calibration error {record.get('val_ece_before', '?')} -> {record.get('val_ece_after', '?')})")
 
 
 def metrics_table(metrics: dict) -> list[dict[str, str]]:
