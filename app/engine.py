@@ -377,7 +377,7 @@ def analyze_paths(
 def _analyze_study(analyzer: Analyzer, pending: PendingSeries, progress: SliceProgress,
                    cancel: threading.Event | None) -> tuple[Series, StudyResult] | None:
     """One study: streamed when the analyzer offers ``analyze_pending``, else decoded first
-    (a wrapper such as the UI's turn-taking analyzer may offer ``analyze_series`` only)."""
+    (for a wrapper that offers ``analyze_series`` only)."""
     if hasattr(analyzer, "analyze_pending"):
         return analyzer.analyze_pending(pending, progress=progress, cancel=cancel)
     started = time.perf_counter()

@@ -116,6 +116,9 @@ class ModelCard:
         return path
 
     def variant(self, name: str | None = None) -> tuple[str, Variant]:
+        if not self.variants:
+            raise ModelError(f"model {self.name!r} has no TFLite files yet (e.g. just calibrated); make them with "
+                             f"python -m quantize --model {self.folder or self.name} --recipe RECIPE")
         key = name or self.default_variant
         if key not in self.variants:
             raise ModelError(f"model {self.name!r} has no variant {key!r}; it has: {', '.join(sorted(self.variants))}")

@@ -34,6 +34,17 @@ def test_the_fit_recovers_the_map_that_generated_the_labels():
     assert LogitMap(2.0, 1.0)(np.array([0.0, 1.0])).tolist() == [1.0, 3.0]
 
 
+def test_with_a_top_k_mean_the_fit_calibrates_and_nearly_keeps_the_ranking():
+    from model_zoo.calibrate import fit_logit_map, study_probabilities
+
+    logits, labels = synthetic_studies(3000, slope=0.4, intercept=-1.5, seed=3)
+    top2 = Aggregation("top_k_mean", 2)
+    fitted = fit_logit_map(logits, labels, top2)
+    raw, calibrated = study_probabilities(logits, top2), study_probabilities(logits, top2, fitted)
+    assert abs(calibrated.mean() - np.mean(labels)) < 0.02 < abs(raw.mean() - np.mean(labels))
+    assert roc_auc_score(labels, calibrated) == pytest.approx(roc_auc_score(labels, raw), abs=0.01)
+
+
 def test_the_fit_needs_both_classes_and_stays_finite_when_they_separate():
     from model_zoo.calibrate import fit_logit_map
 
@@ -58,11 +69,23 @@ def test_folding_maps_every_cam_logit_and_the_probability():
     np.testing.assert_allclose(probability[:, 0], expit(0.4 * cam.reshape(3, -1).max(axis=1) - 1.5), atol=1e-5)
 
 
-def test_training_calibrates_the_model_it_saves(tiny_run):
-    _, card, _ = tiny_run
+def test_training_saves_its_best_weights_with_the_calibration_folded_in(tiny_run):
+    import tf_keras
+
+    from model_zoo.architectures import CAM, build_model, custom_objects
+
+    cfg, card, root = tiny_run
     record = card.training["calibration"]
-    assert record["slope"] > 0 and 0.0 <= record["threshold"] <= 1.0
     assert card.threshold == record["threshold"] and card.metrics["validation"]["auc"] == record["val_auc"]
+    saved = load_card(root / "model")
+    model = tf_keras.models.load_model(str(saved.verify(saved.keras_file)), custom_objects=custom_objects(),
+                                       compile=False)
+    best = build_model(cfg["architecture"], saved.contract.input_shape, alpha=cfg["alpha"], name=cfg["name"])
+    best.load_weights(str(root / "run" / "best.weights.h5"))
+    kernel, bias = best.get_layer(CAM).get_weights()
+    folded_kernel, folded_bias = model.get_layer(CAM).get_weights()
+    np.testing.assert_allclose(folded_kernel, kernel * record["slope"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(folded_bias, bias * record["slope"] + record["intercept"], rtol=1e-5, atol=1e-6)
 
 
 def test_the_cli_calibrates_a_saved_model_once_and_drops_its_old_variants(tiny_run, tmp_path, capsys):

@@ -35,6 +35,14 @@ def test_tampered_or_missing_file_is_reported(tmp_path):
         load_card(tmp_path).verify("m.tflite")
 
 
+def test_a_card_without_tflite_files_says_how_to_make_them(tmp_path):
+    card = _card(tmp_path)
+    assert card.variant()[0] == "float32"
+    card.variants = {}  # as python -m model_zoo.calibrate leaves it
+    with pytest.raises(ModelError, match="no TFLite files yet.*python -m quantize"):
+        card.variant()
+
+
 def test_bad_card_and_unknown_model(tmp_path):
     (tmp_path / "card.json").write_text("{not json")
     with pytest.raises(ModelError, match="not valid JSON"):

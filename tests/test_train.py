@@ -1,6 +1,7 @@
 """A tiny end-to-end training run: phantoms -> contract -> tf.data -> MobileNetV2 -> card."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -24,12 +25,14 @@ def test_tiny_training_reduces_loss_and_writes_a_card(tiny_run):
     assert json.loads((root / "model" / "card.json").read_text())["training"]["seed"] == cfg["training"]["seed"]
 
 
-def test_resume_continues_from_the_checkpoint(tiny_run):
+def test_resume_continues_from_the_checkpoint(tiny_run, tmp_path):
     from model_zoo.train import train
 
     cfg, card, root = tiny_run
     cfg = dict(cfg, training=dict(cfg["training"], epochs=cfg["training"]["epochs"] + 1))
-    resumed = train(cfg, root / "model2", root / "run", resume=True, max_minutes=None, cache_root=root / "cache")
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)  # the shared run stays as the first training left it
+    resumed = train(cfg, tmp_path / "model", run, resume=True, max_minutes=None, cache_root=root / "cache")
     # Only the one extra epoch ran: the first three came from the checkpoint.
     assert len(resumed.training["epoch_losses"]) == 1
     assert resumed.training["epochs_run"] == cfg["training"]["epochs"]

@@ -247,7 +247,8 @@ def test_model_card_view(shared_model):
     calibrated = replace(card, training={"calibration": {"fitted_on": "validation split, 160 studies",
                                                          "val_ece_before": 0.37, "val_ece_after": 0.04}})
     assert dict(card_facts(calibrated, ref))["Probabilities"] == (
-        "calibrated on the validation split, 160 studies (expected calibration error 0.37 -> 0.04)")
+        "calibrated on the validation split, 160 studies (expected calibration error there 0.37 -> 0.04; "
+        "held-out: the ECE column below)")
     metrics = {
         "validation": {"auc": 0.91, "threshold_rule": "highest threshold with sensitivity >= 0.9"},
         "test": {"n_studies": 200, "n_positive": 100, "auc": {"value": 0.93, "ci95": [0.9, 0.96]},

@@ -54,8 +54,8 @@ def _calibration_fact(record: dict | None) -> str:
     """Whether a probability can be read as one (``model_zoo.calibrate``'s record in the card)."""
     if not isinstance(record, dict):
         return "not calibrated: a score for ranking, not the chance of disease"
-    return (f"calibrated on the {record.get('fitted_on', 'validation split')} "
-            f"(expected calibration error {record.get('val_ece_before', '?')} -> {record.get('val_ece_after', '?')})")
+    return (f"calibrated on the {record.get('fitted_on', 'validation split')} (expected calibration error there "
+            f"{record.get('val_ece_before', '?')} -> {record.get('val_ece_after', '?')}; held-out: the ECE column below)")
 
 
 def metrics_table(metrics: dict) -> list[dict[str, str]]:
