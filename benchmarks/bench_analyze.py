@@ -11,8 +11,10 @@ loaded) ``--repeats`` times and reports the median wall time, the per-stage busy
 times of ``StudyResult.timing_s`` and the process's peak RSS. The whole command
 ``python -m app.cli analyze`` (interpreter start, imports, model load, JSON) is
 timed once per pair as well. The floor is reading and decoding the same files
-with pydicom alone (``dcmread`` + ``pixel_array``), median of ``--repeats``; files
-are in the page cache for both (a warm-up read comes first).
+with pydicom alone (``dcmread`` + ``pixel_array``), timed in the worker right before
+each analyze run, so each ratio compares two runs under the same machine load; the
+table shows medians of ``--repeats`` such pairs. Files are in the page cache for
+both (a warm-up read comes first).
 
 Stages overlap (producer threads decode the files and prepare model inputs while
 the interpreter runs), so stage times may add up to more than the wall time.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,33 +74,39 @@ def dicom_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def pydicom_floor_times(files: list[Path], repeats: int) -> tuple[float, float]:
-    """Median wall and CPU seconds to read and decode every file with pydicom alone."""
+def pydicom_floor_once(files: list[Path]) -> tuple[float, float]:
+    """Wall and CPU seconds to read and decode every file with pydicom alone."""
     import pydicom
 
-    runs = []
-    for _ in range(repeats + 1):  # the first pass warms the page cache
-        wall, cpu = time.perf_counter(), time.process_time()
-        for path in files:
-            pydicom.dcmread(path).pixel_array  # noqa: B018 - decoding is the point
-        runs.append((time.perf_counter() - wall, time.process_time() - cpu))
-    return sorted(runs[1:])[len(runs[1:]) // 2]
+    wall, cpu = time.perf_counter(), time.process_time()
+    for path in files:
+        pydicom.dcmread(path).pixel_array  # noqa: B018 - decoding is the point
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def pydicom_floor(files: list[Path], repeats: int) -> float:
-    """Median wall seconds to read and decode every file with pydicom alone."""
-    return pydicom_floor_times(files, repeats)[0]
+    """Median wall seconds to read and decode every file with pydicom alone (after a warm-up pass)."""
+    runs = [pydicom_floor_once(files) for _ in range(repeats + 1)][1:]
+    return statistics.median(wall for wall, _ in runs)
 
 
 def worker(model: str, variant: str, threads: int, folder: Path, repeats: int) -> dict:
-    """One configuration, in its own process so peak RSS belongs to it alone."""
+    """One configuration, in its own process so peak RSS belongs to it alone.
+
+    Each repeat times the pydicom floor and then ``analyze`` back to back, so a ratio
+    compares two runs under the same machine load (on this shared VM the floor alone
+    varied between 0.26 and 0.53 s from one minute to the next).
+    """
     from app.engine import Analyzer, analyze_paths
 
     started = time.perf_counter()
     analyzer = Analyzer(model, variant, threads)
     load_s = time.perf_counter() - started
+    files = dicom_files(folder)
+    pydicom_floor_once(files)  # warms the page cache and pydicom
     runs = []
     for _ in range(repeats):
+        floor, floor_cpu = pydicom_floor_once(files)
         with tempfile.TemporaryDirectory() as workdir:
             started, cpu = time.perf_counter(), time.process_time()
             pairs, errors = analyze_paths([folder], analyzer, Path(workdir))
@@ -106,11 +115,14 @@ def worker(model: str, variant: str, threads: int, folder: Path, repeats: int) -
             raise SystemExit(f"expected one analysed study, got {len(pairs)}; errors: {errors}")
         result = pairs[0][1]
         analysed = sum(s.analysed for s in result.slices)
-        runs.append((wall, cpu, result.timing_s, result.probability))
+        runs.append({"wall_s": wall, "cpu_s": cpu, "floor_s": floor, "ratio": wall / floor,
+                     "cpu_ratio": cpu / floor_cpu, "timing_s": result.timing_s, "probability": result.probability})
         del pairs, result
-    wall, cpu, timing, probability = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run
-    return {"wall_s": wall, "cpu_s": cpu, "load_s": load_s, "timing_s": timing, "probability": round(probability, 4),
-            "analysed_slices": analysed, "peak_rss_mb": peak_rss_mb()}
+    median_run = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+    summary = {key: statistics.median(r[key] for r in runs) for key in ("wall_s", "cpu_s", "floor_s", "ratio", "cpu_ratio")}
+    return {**summary, "load_s": load_s, "timing_s": median_run["timing_s"],
+            "probability": round(median_run["probability"], 4), "analysed_slices": analysed,
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def run_worker(model: str, variant: str, threads: int, folder: Path, repeats: int) -> dict:
@@ -175,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.input or phantom_series(args.cache, args.slices, max_spacing_mm=args.max_spacing)
     files = dicom_files(folder)
     load_before = os.getloadavg()[0]
-    floor, floor_cpu = pydicom_floor_times(files, args.repeats)
     rows = []
     for variant in variants:
         for threads in thread_counts:
@@ -186,15 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     analysed = rows[0][2]["analysed_slices"] if rows else 0
     print(f"## analyze benchmark: {len(files)} files ({folder.name}, {analysed} analysed), model {card.name} {card.version}, "
           f"{os.cpu_count()} CPUs, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after\n")
-    print(f"pydicom read+decode floor: **{floor:.2f} s** wall, {floor_cpu:.2f} s CPU "
-          f"(median of {args.repeats}, warm page cache)\n")
-    print("| variant | threads | analyze s | x floor | CPU s | x floor CPU | read s | preprocess s | inference s "
-          "| post s | peak RSS MB | CLI s (incl. start-up) | p(study) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"pydicom read+decode floor (warm page cache): timed right before each analyze run, in the same "
+          f"process; medians of {args.repeats} pairs\n")
+    print("| variant | threads | floor s | analyze s | x floor | CPU s | x floor CPU | read s | preprocess s "
+          "| inference s | post s | peak RSS MB | CLI s (incl. start-up) | p(study) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for variant, threads, r in rows:
         t = r["timing_s"]
-        print(f"| {variant} | {threads} | {r['wall_s']:.2f} | {r['wall_s'] / floor:.2f} | {r['cpu_s']:.2f} | "
-              f"{r['cpu_s'] / floor_cpu:.2f} | " + " | ".join(f"{t[s]:.2f}" for s in STAGES)
+        print(f"| {variant} | {threads} | {r['floor_s']:.2f} | {r['wall_s']:.2f} | {r['ratio']:.2f} | {r['cpu_s']:.2f} | "
+              f"{r['cpu_ratio']:.2f} | " + " | ".join(f"{t[s]:.2f}" for s in STAGES)
               + f" | {r['peak_rss_mb']:.0f} | {r['cli_s']:.2f} | {r['probability']} |")
     print("\n`analyze s`: median wall time of `app.engine.analyze_paths` with the model loaded (the ratio's "
           "numerator); `CPU s`: the process CPU time of that run (all threads), the fairer measure on a busy "
