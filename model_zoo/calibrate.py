@@ -45,13 +45,14 @@ import numpy as np  # noqa: E402
 import tf_keras  # noqa: E402
 from scipy.optimize import minimize  # noqa: E402
 from scipy.special import expit  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from model_zoo.aggregation import study_probability  # noqa: E402
 from model_zoo.architectures import CAM, custom_objects  # noqa: E402
 from model_zoo.card import Aggregation, ModelCard, ModelError, resolve_model  # noqa: E402
 from model_zoo.contract import InputContract  # noqa: E402
 from model_zoo.dataset import DEFAULT_CACHE, PreparedStudy, load_split, split_specs, study_inputs  # noqa: E402
-from model_zoo.metrics import auc_with_ci, calibration, threshold_for_sensitivity  # noqa: E402
+from model_zoo.metrics import calibration, threshold_for_sensitivity  # noqa: E402
 
 log = logging.getLogger("model_zoo.calibrate")
 
@@ -79,11 +80,16 @@ def slice_outputs(model: tf_keras.Model, studies: Sequence[PreparedStudy], contr
     return probabilities, logits
 
 
+def aggregated(slice_probabilities: Sequence[np.ndarray], aggregation: Aggregation) -> np.ndarray:
+    """One study probability per study, as the app aggregates its slice probabilities."""
+    return np.array([study_probability(p, aggregation.method, aggregation.k) for p in slice_probabilities])
+
+
 def study_probabilities(logits: Sequence[np.ndarray], aggregation: Aggregation,
                         logit_map: LogitMap | None = None) -> np.ndarray:
     """Study probabilities from slice logits, as the app aggregates them (after ``logit_map``)."""
     mapped = logit_map or LogitMap(1.0, 0.0)
-    return np.array([study_probability(expit(mapped(z)), aggregation.method, aggregation.k) for z in logits])
+    return aggregated([expit(mapped(z)) for z in logits], aggregation)
 
 
 # Search box: the slope on a log scale (so it stays positive), the intercept in logits.
@@ -139,19 +145,18 @@ def calibrate(model: tf_keras.Model, val_studies: Sequence[PreparedStudy], contr
     """
     labels = [int(s.positive) for s in val_studies]
     probabilities, logits = slice_outputs(model, val_studies, contract)
-    before = [study_probability(p, aggregation.method, aggregation.k) for p in probabilities]
+    before = aggregated(probabilities, aggregation)
     logit_map = fit_logit_map(logits, labels, aggregation)
     fold_into_cam(model, logit_map)
     # The threshold from the folded model's own float32 outputs, as the app will compute them.
-    after = [study_probability(p, aggregation.method, aggregation.k)
-             for p in slice_outputs(model, val_studies, contract)[0]]
+    after = aggregated(slice_outputs(model, val_studies, contract)[0], aggregation)
     record = {
         **asdict(logit_map),
         "fitted_on": f"validation split, {len(labels)} studies",
         "val_ece_before": round(calibration(labels, before)["ece"], 4),
         "val_ece_after": round(calibration(labels, after)["ece"], 4),
         "threshold": threshold_for_sensitivity(labels, after, min_sensitivity),
-        "val_auc": round(auc_with_ci(labels, after, n_boot=500).value, 4),
+        "val_auc": round(float(roc_auc_score(labels, after)), 4),
     }
     log.info("calibrated: slope %.4f, intercept %.4f; validation ECE %.3f -> %.3f; threshold %.4f", logit_map.slope,
              logit_map.intercept, record["val_ece_before"], record["val_ece_after"], record["threshold"])

@@ -26,13 +26,12 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
 
-from model_zoo.aggregation import study_probability  # noqa: E402
 from model_zoo.architectures import build_model  # noqa: E402
-from model_zoo.calibrate import calibrate  # noqa: E402
+from model_zoo.calibrate import aggregated, calibrate, slice_outputs  # noqa: E402
 from model_zoo.card import MODELS_DIR, Aggregation, ModelCard  # noqa: E402
 from model_zoo.contract import InputContract, model_input  # noqa: E402
 from model_zoo.data import CAM, CAM_STRIDE, LESION_MAP, PROBABILITY, Augmentation, make_train_dataset  # noqa: E402
-from model_zoo.dataset import DEFAULT_CACHE, PreparedStudy, load_split, split_specs, study_inputs  # noqa: E402
+from model_zoo.dataset import DEFAULT_CACHE, PreparedStudy, load_split, split_specs  # noqa: E402
 from model_zoo.metrics import auc_with_ci  # noqa: E402
 
 log = logging.getLogger("model_zoo.train")
@@ -65,11 +64,7 @@ def distribution_strategy() -> tf.distribute.Strategy:
 def predict_study_probabilities(model: tf_keras.Model, studies: list[PreparedStudy], contract: InputContract,
                                 aggregation: Aggregation, batch_size: int = 32) -> np.ndarray:
     """Study probabilities from a Keras model, through the same contract and aggregation as the app."""
-    out = []
-    for study in studies:
-        prob, _cam = model.predict(study_inputs(study, contract), batch_size=batch_size, verbose=0)
-        out.append(study_probability(prob[:, 0], aggregation.method, aggregation.k))
-    return np.asarray(out)
+    return aggregated(slice_outputs(model, studies, contract, batch_size)[0], aggregation)
 
 
 def mine_hard_negatives(model: tf_keras.Model, studies: list[PreparedStudy], contract: InputContract,
