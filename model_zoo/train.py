@@ -12,11 +12,13 @@ Exit codes: 0 trained, 2 bad configuration or data.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -51,14 +53,23 @@ def contract_of(cfg: dict) -> InputContract:
     return InputContract.from_dict(cfg["contract"]) if "contract" in cfg else InputContract()
 
 
-def distribution_strategy() -> tf.distribute.Strategy:
-    """MirroredStrategy over several GPUs, mixed precision on any GPU, the default strategy on CPU."""
+def distribution_strategy() -> tuple[tf.distribute.Strategy, str]:
+    """(strategy, Keras dtype policy): MirroredStrategy over several GPUs and mixed precision on
+    any GPU; the default strategy and float32 on CPU."""
     gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        tf_keras.mixed_precision.set_global_policy("mixed_float16")
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
+    strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    return strategy, "mixed_float16" if gpus else "float32"
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str) -> Iterator[None]:
+    """Keras' global dtype policy is ``name`` inside the block (layers keep the policy they were built with)."""
+    previous = tf_keras.mixed_precision.global_policy()
+    tf_keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        tf_keras.mixed_precision.set_global_policy(previous)
 
 
 def predict_study_probabilities(model: tf_keras.Model, studies: list[PreparedStudy], contract: InputContract,
@@ -196,13 +207,13 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
     val_studies = load_split(splits["val"], contract, cache_root, progress=progress("val"))
     log.info("data ready in %.0f s: %d train / %d val studies", time.time() - t0, len(train_studies), len(val_studies))
 
-    strategy = distribution_strategy()
+    strategy, policy = distribution_strategy()
     batch = int(tcfg.get("batch_size", 32)) * strategy.num_replicas_in_sync
     steps = int(tcfg.get("steps_per_epoch", 200))
     epochs = int(tcfg.get("epochs", 10))
     crop = tuple(tcfg["crop"]) if tcfg.get("crop") else None
     fine_stride = int(tcfg.get("fine_lesion_map_stride", 0)) or None
-    with strategy.scope():
+    with dtype_policy(policy), strategy.scope():
         def build(shape):
             return build_model(cfg["architecture"], shape, alpha=float(cfg.get("alpha", 0.35)),
                                dropout=float(cfg.get("dropout", 0.2)), name=cfg["name"])
@@ -272,6 +283,11 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
                             callbacks=[callback], verbose=1 if sys.stderr.isatty() else 2)
         losses = [round(float(v), 5) for v in history.history["loss"]]
     model.load_weights(str(best_path))
+    if policy != "float32":
+        # The app and the compression tools take float32 models. Mixed precision keeps its
+        # variables in float32, so a float32 copy (built outside the strategy) loses nothing.
+        mixed, model = model, build(contract.input_shape)
+        model.set_weights(mixed.get_weights())
     train_seconds = time.time() - t0
 
     # Over-confident raw probabilities are rescaled in the weights (see model_zoo.calibrate);
@@ -293,6 +309,7 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
                   **({"start_val_study_auc": start_auc} if start_auc is not None else {}),
                   **({"hard_negatives": mining} if mining else {}),
                   "train_seconds": round(train_seconds, 1), "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
+                  "replicas": strategy.num_replicas_in_sync, "dtype_policy": policy,
                   "tensorflow": tf.__version__},
     )
     card.folder = out_dir

@@ -178,12 +178,11 @@ def test_local_weights_load_by_name(models, batch, tmp_path):
 
 
 def test_mixed_precision_head_is_float32(batch):
-    previous = tf_keras.mixed_precision.global_policy()
-    tf_keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
+    from model_zoo.train import dtype_policy
+
+    with dtype_policy("mixed_float16"):
         model = build_model("mobilenet_v3_small", SHAPE, alpha=ALPHA)
-    finally:
-        tf_keras.mixed_precision.set_global_policy(previous)
+    assert tf_keras.mixed_precision.global_policy().name == "float32"
     assert model.get_layer("head_conv").compute_dtype == "float16"
     prob, cam = model(batch, training=False)
     assert prob.dtype == "float32" and cam.dtype == "float32"

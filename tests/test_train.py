@@ -189,3 +189,49 @@ def test_a_hard_negative_phase_mines_with_its_starting_weights(tiny_run, tmp_pat
     card = train(phase, tmp_path / "model", tmp_path / "run", resume=False, max_minutes=None, cache_root=root / "cache")
     mined = card.training["hard_negatives"]
     assert 0 < mined["slices"] <= mined["of_lesion_free_slices"] and len(card.training["epoch_losses"]) == 1
+
+
+# Two logical CPU devices stand in for two GPUs: the same MirroredStrategy and mixed-precision
+# code a GPU machine runs. Logical devices must exist before TensorFlow starts, hence a subprocess.
+_GPU_PATH_SCRIPT = """
+import json, sys
+from pathlib import Path
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import tf_keras
+import model_zoo.train as train_module
+train_module.distribution_strategy = lambda: (tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), "mixed_float16")
+cfg = train_module.load_config(Path(sys.argv[1]))
+cfg["training"]["epochs"] = 2
+out = Path(sys.argv[2])
+card = train_module.train(cfg, out / "model", out / "run", resume=False, max_minutes=None, cache_root=Path(sys.argv[3]))
+json.dump({"training": card.training, "policy_after": tf_keras.mixed_precision.global_policy().name},
+          open(out / "result.json", "w"))
+"""
+
+
+def test_the_gpu_path_trains_on_two_replicas_in_mixed_precision_and_saves_a_float32_model(tiny_run, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    from model_zoo.train import KERAS_FILE
+
+    cfg, _card, root = tiny_run
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    subprocess.run([sys.executable, "-c", _GPU_PATH_SCRIPT, str(repo / "model_zoo" / "configs" / "tiny.json"),
+                    str(tmp_path), str(root / "cache")], cwd=repo, env=env, check=True, timeout=600)
+    result = json.loads((tmp_path / "result.json").read_text())
+    training = result["training"]
+    assert training["replicas"] == 2 and training["dtype_policy"] == "mixed_float16"
+    assert len(training["epoch_losses"]) == 2 and all(np.isfinite(training["epoch_losses"]))
+    assert result["policy_after"] == "float32"  # training leaves Keras' global policy as it found it
+    # The saved model is float32 throughout: what quantize and the app expect.
+    with zipfile.ZipFile(tmp_path / "model" / KERAS_FILE) as archive:
+        layers = json.loads(archive.read("config.json"))["config"]["layers"]
+    policies = {json.dumps(layer["config"].get("dtype")) for layer in layers}
+    assert not any("mixed" in p for p in policies), policies
