@@ -1,6 +1,6 @@
 """Train a 2.5D lytic-lesion classifier on phantom studies.
 
-    python -m model_zoo.train --config model_zoo/configs/mnv2_a035.json [--resume] [--max-minutes M]
+    python -m model_zoo.train --config model_zoo/configs/mnv2_a035_clean.json [--resume] [--max-minutes M]
 
 Writes the best Keras model (by validation study AUC) and a model card to
 model_zoo/models/<name>/ (or --out). Checkpoints for --resume live in runs/<name>/.
@@ -32,7 +32,16 @@ from model_zoo.architectures import build_model  # noqa: E402
 from model_zoo.calibrate import aggregated, calibrate, slice_outputs  # noqa: E402
 from model_zoo.card import MODELS_DIR, Aggregation, ModelCard  # noqa: E402
 from model_zoo.contract import InputContract, model_input  # noqa: E402
-from model_zoo.data import CAM, CAM_STRIDE, LESION_MAP, PROBABILITY, Augmentation, make_train_dataset  # noqa: E402
+from model_zoo.data import (  # noqa: E402
+    CAM,
+    CAM_STRIDE,
+    LESION_MAP,
+    PROBABILITY,
+    Augmentation,
+    labelled_slices,
+    make_train_dataset,
+    without_faint_lesions,
+)
 from model_zoo.dataset import DEFAULT_CACHE, PreparedStudy, load_split, split_specs  # noqa: E402
 from model_zoo.metrics import auc_with_ci  # noqa: E402
 
@@ -206,6 +215,13 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
     train_studies = load_split(splits["train"], contract, cache_root, progress=progress("train"))
     val_studies = load_split(splits["val"], contract, cache_root, progress=progress("val"))
     log.info("data ready in %.0f s: %d train / %d val studies", time.time() - t0, len(train_studies), len(val_studies))
+    min_area = float(tcfg.get("min_lesion_area_mm2", 0.0))
+    if min_area:
+        before = len(labelled_slices(train_studies)[0])
+        min_px = int(np.ceil(min_area / contract.pixel_spacing_mm ** 2))
+        train_studies = [without_faint_lesions(s, min_px) for s in train_studies]
+        log.info("lesion cross-sections under %g mm2 dropped: %d of %d lesion slices left as positives",
+                 min_area, len(labelled_slices(train_studies)[0]), before)
 
     strategy, policy = distribution_strategy()
     batch = int(tcfg.get("batch_size", 32)) * strategy.num_replicas_in_sync

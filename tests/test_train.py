@@ -130,6 +130,27 @@ def test_osteoporotic_studies_can_be_over_sampled():
         osteoporosis_groups(pool, studies, 1.0)
 
 
+def test_faint_lesion_cross_sections_are_not_trained_as_positives():
+    from model_zoo.data import labelled_slices, without_faint_lesions
+    from model_zoo.dataset import PreparedStudy
+
+    mask = np.zeros((4, 12, 12), bool)
+    mask[0, 1:5, 1:5] = True  # 16 px: kept
+    mask[0, 8:10, 8:10] = True  # 4 px beside it on the same slice: dropped, the slice stays positive
+    mask[1, 5:7, 5:7] = True  # only a 4 px graze: the slice becomes ambiguous
+    labels = np.array([1, 1, 0, -1], np.int8)
+    study = PreparedStudy(key="s", resampled_hu=np.zeros((4, 12, 12), np.float32), z_mm=np.arange(4.0),
+                          slice_labels=labels, truth={"positive": True}, lesion_mask=mask)
+    seen = without_faint_lesions(study, min_area_px=16)
+    assert seen.slice_labels.tolist() == [1, -1, 0, -1]
+    assert seen.lesion_mask[0].sum() == 16 and seen.lesion_mask[0, 1:5, 1:5].all()
+    assert not seen.lesion_mask[1:].any()
+    positives, negatives = labelled_slices([seen])
+    assert positives.tolist() == [[0, 0]] and negatives.tolist() == [[0, 2]]
+    assert study.slice_labels.tolist() == [1, 1, 0, -1] and study.lesion_mask.sum() == 24  # the loaded study is untouched
+    assert without_faint_lesions(study, min_area_px=1).slice_labels.tolist() == [1, 1, 0, -1]
+
+
 def test_hard_negative_crops_are_centred_on_the_mined_spot():
     from model_zoo.data import crop_window
 
