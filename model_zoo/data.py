@@ -188,12 +188,14 @@ def without_faint_lesions(study: PreparedStudy, min_area_px: int) -> PreparedStu
     dropped from each slice's mask, and a lesion slice left with none becomes ambiguous (-1).
 
     A lesion slice is any slice within 0.75 of a lesion's radius of its centre, whatever the
-    cross-section there, and the mask keeps every pixel that is lesion and bone. In the training
-    split a quarter of the lesion slices showed less than a 5 mm disc, mostly lost in the noise:
-    trained as positives, they teach the network to fire on plain bone texture, which is where its
-    false positives are. Evaluation labels are not touched: a study with a lesion is positive.
+    cross-section there, and the mask keeps only pixels that are lesion and bone (some lesion
+    slices have none on the contract grid). In the training split a quarter of the lesion slices
+    showed less than a 5 mm disc, mostly lost in the noise: trained as positives, they teach the
+    network to fire on plain bone texture, which is where its false positives are. A faint
+    cross-section beside a visible lesion leaves the mask, so its cells count as lesion-free, as
+    they look. Evaluation labels are not touched: a study with a lesion is positive.
     """
-    if study.lesion_mask is None or not study.lesion_mask.any():
+    if study.lesion_mask is None:
         return study
     mask, labels = study.lesion_mask.copy(), study.slice_labels.copy()
     for k in np.flatnonzero(mask.any(axis=(1, 2))):
@@ -201,8 +203,7 @@ def without_faint_lesions(study: PreparedStudy, min_area_px: int) -> PreparedStu
         faint = np.bincount(components.ravel()) < min_area_px
         faint[0] = False  # background
         mask[k][faint[components]] = False
-        if labels[k] == 1 and not mask[k].any():
-            labels[k] = -1
+    labels[(labels == 1) & ~mask.any(axis=(1, 2))] = -1
     return replace(study, lesion_mask=mask, slice_labels=labels)
 
 

@@ -138,17 +138,18 @@ def test_faint_lesion_cross_sections_are_not_trained_as_positives():
     mask[0, 1:5, 1:5] = True  # 16 px: kept
     mask[0, 8:10, 8:10] = True  # 4 px beside it on the same slice: dropped, the slice stays positive
     mask[1, 5:7, 5:7] = True  # only a 4 px graze: the slice becomes ambiguous
-    labels = np.array([1, 1, 0, -1], np.int8)
-    study = PreparedStudy(key="s", resampled_hu=np.zeros((4, 12, 12), np.float32), z_mm=np.arange(4.0),
+    labels = np.array([1, 1, 0, -1, 1], np.int8)  # slice 4: a lesion slice without a lesion pixel on the grid
+    mask = np.concatenate([mask, np.zeros((1, 12, 12), bool)])
+    study = PreparedStudy(key="s", resampled_hu=np.zeros((5, 12, 12), np.float32), z_mm=np.arange(5.0),
                           slice_labels=labels, truth={"positive": True}, lesion_mask=mask)
     seen = without_faint_lesions(study, min_area_px=16)
-    assert seen.slice_labels.tolist() == [1, -1, 0, -1]
+    assert seen.slice_labels.tolist() == [1, -1, 0, -1, -1]
     assert seen.lesion_mask[0].sum() == 16 and seen.lesion_mask[0, 1:5, 1:5].all()
     assert not seen.lesion_mask[1:].any()
     positives, negatives = labelled_slices([seen])
     assert positives.tolist() == [[0, 0]] and negatives.tolist() == [[0, 2]]
-    assert study.slice_labels.tolist() == [1, 1, 0, -1] and study.lesion_mask.sum() == 24  # the loaded study is untouched
-    assert without_faint_lesions(study, min_area_px=1).slice_labels.tolist() == [1, 1, 0, -1]
+    assert study.slice_labels.tolist() == [1, 1, 0, -1, 1] and study.lesion_mask.sum() == 24  # the loaded study is untouched
+    assert without_faint_lesions(study, min_area_px=1).slice_labels.tolist() == [1, 1, 0, -1, -1]
 
 
 def test_hard_negative_crops_are_centred_on_the_mined_spot():
@@ -256,3 +257,16 @@ def test_the_gpu_path_trains_on_two_replicas_in_mixed_precision_and_saves_a_floa
         layers = json.loads(archive.read("config.json"))["config"]["layers"]
     policies = {json.dumps(layer["config"].get("dtype")) for layer in layers}
     assert not any("mixed" in p for p in policies), policies
+    # ... and carries the trained weights (the best epoch's; calibration rescales only the cam).
+    import tf_keras
+
+    from model_zoo.architectures import build_model, custom_objects
+
+    saved = tf_keras.models.load_model(str(tmp_path / "model" / KERAS_FILE), custom_objects=custom_objects(),
+                                       compile=False)
+    best = build_model(cfg["architecture"], saved.input_shape[1:], alpha=cfg["alpha"], name=cfg["name"])
+    best.load_weights(str(tmp_path / "run" / "best.weights.h5"))
+    for layer in saved.layers:
+        if layer.name != "cam":
+            for kept, trained in zip(layer.get_weights(), best.get_layer(layer.name).get_weights()):
+                np.testing.assert_array_equal(kept, trained)
