@@ -268,5 +268,5 @@ def test_the_gpu_path_trains_on_two_replicas_in_mixed_precision_and_saves_a_floa
     best.load_weights(str(tmp_path / "run" / "best.weights.h5"))
     for layer in saved.layers:
         if layer.name != "cam":
-            for kept, trained in zip(layer.get_weights(), best.get_layer(layer.name).get_weights()):
+            for kept, trained in zip(layer.get_weights(), best.get_layer(layer.name).get_weights(), strict=True):
                 np.testing.assert_array_equal(kept, trained)
