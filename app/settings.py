@@ -119,10 +119,16 @@ def load_settings_file(data_dir: Path | None = None, section: str = SERVER_SECTI
     if not path.is_file():
         return {}
     try:
-        server = json.loads(path.read_text()).get(section, {})
+        document = json.loads(path.read_text())
+        server = document.get(section, {})
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
         raise AppError(f"settings file {path} is not valid JSON; fix or delete it") from exc
     known = {f.name for f in fields(ServerSettings)}
+    misplaced = sorted(set(document) & known)
+    if misplaced:  # a flat {"url": ...} would otherwise be ignored without a word
+        raise AppError(f"settings file {path} has {', '.join(misplaced)} at the top level; put the clinic's "
+                       f'server settings inside "{SERVER_SECTION}": {{...}} and the reader\'s inside '
+                       f'"{READER_SECTION}": {{...}}')
     unknown = sorted(set(server) - known)
     if unknown:
         raise AppError(f"settings file {path} has unknown {section} settings: {', '.join(unknown)}")

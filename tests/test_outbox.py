@@ -188,6 +188,12 @@ def test_unknown_settings_are_reported(tmp_path):
         resolve_settings(env={}, data_dir=tmp_path)
 
 
+def test_server_settings_at_the_top_level_of_the_file_are_reported(tmp_path):
+    (tmp_path / "settings.json").write_text('{"url": "https://pacs.example.org/dicom-web", "user": "clinic"}')
+    with pytest.raises(AppError, match=r'url, user at the top level.*inside "server"'):
+        resolve_settings(env={}, data_dir=tmp_path)
+
+
 @pytest.mark.parametrize(("credentials", "expected"), [
     ({"token": "tok-123", "user": "clinic", "password": SECRET}, "Bearer tok-123"),  # a token wins
     ({"user": "clinic", "password": SECRET}, "Basic " + base64.b64encode(f"clinic:{SECRET}".encode()).decode()),
