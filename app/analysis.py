@@ -62,6 +62,8 @@ def build_study_result(series: Series, analysed: np.ndarray, probabilities: np.n
                             f"of a series of {n} slices")
     if not np.all(np.isfinite(p_model)):
         raise AnalysisError("the model produced invalid (NaN) probabilities; the model file may be damaged")
+    if not np.all(np.isfinite(cams)):  # an overflowed cam still gives a finite probability (sigmoid -> 1)
+        raise AnalysisError("the model produced invalid (non-finite) heatmaps; the model file may be damaged")
     threshold = float(card.threshold)
     probability = study_probability(p_model, card.aggregation.method, card.aggregation.k)
     p = interpolate_to_slices(series.z_mm, analysed, p_model)

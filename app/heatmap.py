@@ -95,6 +95,8 @@ def hot_region(heatmap: np.ndarray, level: float = HOT_LEVEL) -> HotRegion:
     (edge values are held), so the centre is the middle of the maximal plateau.
     """
     heatmap = np.asarray(heatmap)
+    if heatmap.size == 0 or not np.all(np.isfinite(heatmap)):
+        raise ValueError("a hot region needs a non-empty heatmap of finite values")
     plateau = _component_pixels(heatmap >= heatmap.max() - 1e-6)
     middle = plateau[np.argmin(((plateau - plateau.mean(axis=0)) ** 2).sum(axis=1))]
     center = (int(middle[0]), int(middle[1]))

@@ -127,6 +127,15 @@ def test_nan_probabilities_are_an_error_not_a_result():
         _result_for([0.1, float("nan"), 0.3])
 
 
+def test_an_overflowed_cam_is_an_error_not_a_result():
+    # sigmoid(inf) is a finite probability, but the heatmap of an inf cam is NaN and has no hot region
+    series = synthetic_series(np.zeros((3, 128, 128), np.int16))
+    cams = np.full((3, 2, 3), -3.0, np.float32)
+    cams[1, 0, 0] = np.inf
+    with pytest.raises(AnalysisError, match=r"\(non-finite\) heatmaps"):
+        build_study_result(series, np.arange(3), np.array([0.1, 1.0, 0.3]), cams, _card(), REF)
+
+
 # --- heatmaps back on the original pixel grid ------------------------------------------
 
 
@@ -188,6 +197,9 @@ def test_hot_region_box_covers_only_the_component_of_the_maximum():
     region = hot_region(heat)
     assert region.center_px == (35, 50)
     assert region.bbox_px == (30, 40, 39, 54)
+    heat[0, 0] = np.nan
+    with pytest.raises(ValueError, match="finite values"):
+        hot_region(heat)
 
 
 # --- the streaming pipeline ----------------------------------------------------------
