@@ -195,8 +195,8 @@ def without_faint_lesions(study: PreparedStudy, min_area_px: int) -> PreparedStu
     cross-section beside a visible lesion leaves the mask, so its cells count as lesion-free, as
     they look. Evaluation labels are not touched: a study with a lesion is positive.
     """
-    if study.lesion_mask is None:
-        return study
+    if study.lesion_mask is None or not (study.slice_labels == 1).any():
+        return study  # nothing to drop; the mask of a lesion-free study stays a shared view
     mask, labels = study.lesion_mask.copy(), study.slice_labels.copy()
     for k in np.flatnonzero(mask.any(axis=(1, 2))):
         components, _ = ndimage.label(mask[k])

@@ -212,7 +212,7 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
     def progress(name):
         return lambda done, total: log.info("prepared %s studies: %d/%d", name, done, total)
 
-    train_studies = load_split(splits["train"], contract, cache_root, progress=progress("train"))
+    train_studies = load_split(splits["train"], contract, cache_root, progress=progress("train"), integer_hu=True)
     val_studies = load_split(splits["val"], contract, cache_root, progress=progress("val"))
     log.info("data ready in %.0f s: %d train / %d val studies", time.time() - t0, len(train_studies), len(val_studies))
     min_area = float(tcfg.get("min_lesion_area_mm2", 0.0))
@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, type=Path, help="training config JSON (model_zoo/configs/)")
     p.add_argument("--out", type=Path, default=None, help="model folder (default: model_zoo/models/<name>)")
-    p.add_argument("--run-dir", type=Path, default=None, help="checkpoints for --resume (default: runs/<name>)")
+    p.add_argument("--run-dir", type=Path, default=None,
+                   help="checkpoints for --resume (default: runs/<run_name>, else runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run dir")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this wall time (data prep included)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="prepared-study cache (default: %(default)s)")
@@ -353,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = args.out or MODELS_DIR / cfg["name"]
-    run_dir = args.run_dir or REPO_ROOT / "runs" / cfg["name"]
+    # Phases that ship under one model name keep their checkpoints apart through "run_name".
+    run_dir = args.run_dir or REPO_ROOT / "runs" / cfg.get("run_name", cfg["name"])
     try:
         train(cfg, out, run_dir, args.resume, args.max_minutes, args.cache)
     except ValueError as exc:

@@ -70,12 +70,13 @@ def phantom_sources(card: ModelCard, recipe: Recipe, cache_root: Path = DEFAULT_
     positive_fraction = float(config.get("training", {}).get("positive_fraction", 0.35))
 
     # A training split at the contract size is gigabytes: load it once for every fine-tuning
-    # stage and the calibration, and let it go before the evaluation split comes in.
+    # stage and the calibration, in training's compact form (int16 HU: 1200 studies in float32
+    # did not fit in 23 GB), and let it go before the evaluation split comes in.
     loaded: dict[str, list[PreparedStudy]] = {}
 
     def load(use: str) -> list[PreparedStudy]:
         if use not in loaded:
-            loaded[use] = load_split(spec_of(use), card.contract, cache_root)
+            loaded[use] = load_split(spec_of(use), card.contract, cache_root, integer_hu=True)
             if not loaded[use]:
                 raise ModelError(f"data split {use!r} has no studies")
         return loaded[use]

@@ -270,3 +270,45 @@ def test_the_gpu_path_trains_on_two_replicas_in_mixed_precision_and_saves_a_floa
         if layer.name != "cam":
             for kept, trained in zip(layer.get_weights(), best.get_layer(layer.name).get_weights(), strict=True):
                 np.testing.assert_array_equal(kept, trained)
+
+
+def test_training_can_hold_a_split_as_integer_hu_with_lesion_free_masks_shared(tmp_path):
+    """Training's compact form of a split: HU rounded to int16, and a lesion-free study's mask
+    a read-only view taking no memory; the 2.5D input is the float form's to within the rounding."""
+    from model_zoo.data import make_example, without_faint_lesions
+    from model_zoo.dataset import SplitSpec, load_split
+
+    contract = InputContract(pixel_spacing_mm=2.0, height=64, width=80)
+    split = SplitSpec("train", seed=11, studies=4, slices=8)
+    exact = load_split(split, contract, tmp_path, workers=1)
+    compact = load_split(split, contract, tmp_path, workers=1, integer_hu=True)
+    assert {s.positive for s in exact} == {True, False}
+    for a, b in zip(exact, compact):
+        assert b.resampled_hu.dtype == np.int16
+        assert np.abs(b.resampled_hu - a.resampled_hu).max() <= 0.5
+        assert np.array_equal(a.lesion_mask, b.lesion_mask)
+        if not a.lesion_mask.any():
+            assert b.lesion_mask.strides[0] == 0 and not b.lesion_mask.flags.writeable
+        if not a.positive:
+            assert without_faint_lesions(b, 16) is b
+        k = len(a.z_mm) // 2
+        window_step = 0.5 / min(w.width for w in contract.windows)
+        assert np.abs(make_example(a, k, contract) - make_example(b, k, contract)).max() <= window_step + 1e-6
+
+
+def test_phases_of_one_model_keep_their_checkpoints_apart(tmp_path, monkeypatch):
+    """The shipped configs' phases: each default run dir is distinct, and each phase's
+    init_weights is the run dir its previous phase writes (runs/<run_name or name>)."""
+    from pathlib import Path
+
+    import model_zoo.train as train_module
+
+    run_dirs = []
+    monkeypatch.setattr(train_module, "train", lambda cfg, out, run_dir, *a: run_dirs.append(run_dir))
+    configs = sorted(Path(train_module.REPO_ROOT / "model_zoo" / "configs").glob("mnv2_a035*.json"))
+    for path in configs:
+        assert train_module.main(["--config", str(path), "--out", str(tmp_path)]) == 0
+    assert len(set(run_dirs)) == len(configs) == len(run_dirs)
+    inits = [json.loads(p.read_text())["training"].get("init_weights") for p in configs]
+    for init in filter(None, inits):
+        assert (train_module.REPO_ROOT / init).parent in run_dirs, init
