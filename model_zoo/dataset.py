@@ -4,7 +4,8 @@ A data split is a list of studies drawn from the phantom generator by (seed, ind
 different splits use different seeds, so no study is in two splits. Each prepared
 study keeps its slices resampled onto the contract grid (float32 HU), its slice
 positions and labels, and the study truth; the 2.5D stacking and windowing happen
-later through the same contract functions the app uses.
+later through the same contract functions the app uses. Training reads the HU as int16
+from a memory-mapped .npy file written beside each entry on first use.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ class PreparedStudy:
     """One study on the contract grid: what training and evaluation consume."""
 
     key: str
-    resampled_hu: np.ndarray  # float32 (K, H, W); int16 when loaded with integer_hu
+    resampled_hu: np.ndarray  # float32 (K, H, W); int16 read-only memory map when loaded with integer_hu
     z_mm: np.ndarray  # float64 (K,), increasing
     slice_labels: np.ndarray  # int8 (K,): 1 lesion, 0 none, -1 ambiguous
     truth: dict
@@ -104,9 +105,7 @@ def _save(path: Path, study: PreparedStudy) -> None:
 
 def _load(path: Path, integer_hu: bool = False) -> PreparedStudy:
     with np.load(path) as f:
-        hu = f["resampled_hu"]
-        if integer_hu:
-            hu = np.rint(hu).clip(-32768, 32767).astype(np.int16)
+        hu = _int16_hu(path, f) if integer_hu else f["resampled_hu"]
         packed = f["lesion_mask"]
         if packed.any():
             mask = np.unpackbits(packed, axis=-1, count=hu.shape[-1]).astype(bool)
@@ -114,6 +113,21 @@ def _load(path: Path, integer_hu: bool = False) -> PreparedStudy:
             mask = np.broadcast_to(np.zeros(hu.shape[1:], dtype=bool), hu.shape)
         return PreparedStudy(key=path.stem, resampled_hu=hu, z_mm=f["z_mm"], slice_labels=f["slice_labels"],
                              truth=json.loads(str(f["truth"])), lesion_mask=mask)
+
+
+def _int16_hu(path: Path, cached: np.lib.npyio.NpzFile) -> np.ndarray:
+    """The study's HU rounded to int16, memory-mapped read-only from a .npy file beside its cache entry.
+
+    Mapped, the split lives in the page cache, which the kernel can drop and read back
+    under pressure; held in the process it could only grow (1200 training studies took
+    22 GB of this 23 GB machine that way). The file is written on first use.
+    """
+    side = path.with_name(path.stem + ".hu16.npy")
+    if not side.exists():
+        partial = path.with_name(f"{path.stem}.hu16.{os.getpid()}.partial.npy")  # np.save keeps a .npy name
+        np.save(partial, np.rint(cached["resampled_hu"]).clip(-32768, 32767).astype(np.int16))
+        os.replace(partial, side)
+    return np.load(side, mmap_mode="r")
 
 
 def _prepare_to_cache(args: tuple) -> str:
@@ -124,19 +138,9 @@ def _prepare_to_cache(args: tuple) -> str:
     return str(path)
 
 
-def load_split(
-    split: SplitSpec,
-    contract: InputContract,
-    cache_root: Path = DEFAULT_CACHE,
-    workers: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    integer_hu: bool = False,
-) -> list[PreparedStudy]:
-    """Prepare (or read from the cache) every study of a split, in index order.
-
-    ``integer_hu`` rounds the HU to int16, as CT stores them (0.5 HU at most, far below the
-    15-80 HU noise): half the memory, so training can hold three times the studies in RAM.
-    """
+def _prepared_paths(split: SplitSpec, contract: InputContract, cache_root: Path, workers: int | None,
+                    progress: Callable[[int, int], None] | None) -> list[Path]:
+    """The cache files of a split's studies, in index order; missing ones are prepared first."""
     folder = _cache_dir(Path(cache_root), contract)
     folder.mkdir(parents=True, exist_ok=True)
     ext = "x" if split.external else ""
@@ -158,7 +162,35 @@ def load_split(
                 progress(done, len(paths))
         if workers != 1:
             pool.shutdown()
-    return [_load(p, integer_hu) for p in paths]
+    return paths
+
+
+def load_split(
+    split: SplitSpec,
+    contract: InputContract,
+    cache_root: Path = DEFAULT_CACHE,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    integer_hu: bool = False,
+) -> list[PreparedStudy]:
+    """Prepare (or read from the cache) every study of a split, in index order.
+
+    ``integer_hu`` rounds the HU to int16, as CT stores them (0.5 HU at most, far below the
+    15-80 HU noise), memory-mapped read-only from the cache: half the bytes, and in the page
+    cache rather than in the process, so training is not bounded by holding its split.
+    """
+    return [_load(p, integer_hu) for p in _prepared_paths(split, contract, cache_root, workers, progress)]
+
+
+def iter_split(split: SplitSpec, contract: InputContract, cache_root: Path = DEFAULT_CACHE,
+               workers: int | None = None) -> Iterator[PreparedStudy]:
+    """The studies of ``load_split``, read from the cache one at a time (all prepared first).
+
+    For one pass over a split, e.g. scoring it: only one study is in memory at a time
+    (600 studies held at once take 9.4 GB).
+    """
+    for path in _prepared_paths(split, contract, cache_root, workers, None):
+        yield _load(path)
 
 
 def split_specs(config: dict, names: Sequence[str] | None = None) -> dict[str, SplitSpec]:

@@ -30,7 +30,7 @@ import numpy as np
 from model_zoo.aggregation import study_probability
 from model_zoo.card import ModelCard, ModelError, resolve_model
 from model_zoo.contract import iter_input_batches
-from model_zoo.dataset import DEFAULT_CACHE, PreparedStudy, SplitSpec, load_split, split_specs
+from model_zoo.dataset import DEFAULT_CACHE, PreparedStudy, SplitSpec, iter_split, split_specs
 from model_zoo.metrics import study_report
 
 log = logging.getLogger("model_zoo.evaluate")
@@ -57,14 +57,27 @@ def keras_predictor(card: ModelCard) -> SlicePredictor:
     return lambda x: model.predict(x, verbose=0, batch_size=32)[0][:, 0]
 
 
-def study_probabilities(studies: list[PreparedStudy], card: ModelCard, predict: SlicePredictor,
-                        batch_size: int = 16) -> np.ndarray:
-    out = []
-    for study in studies:
-        slice_probs = np.concatenate([predict(x) for _, x in iter_input_batches(
-            study.resampled_hu, study.z_mm, card.contract, batch_size)])
-        out.append(study_probability(slice_probs, card.aggregation.method, card.aggregation.k))
-    return np.asarray(out)
+def predictor(card: ModelCard, variant: str | None, threads: int = 2) -> tuple[str, SlicePredictor]:
+    """(variant name, slice predictor): a TFLite variant through LiteRT (None: the card's default), or 'keras'."""
+    if variant == "keras":
+        return "keras", keras_predictor(card)
+    return tflite_predictor(card, variant, threads)
+
+
+def add_scoring_arguments(parser: argparse.ArgumentParser, models: str = "the model") -> None:
+    """The options of the commands that score phantom studies: --variant, --threads, --cache."""
+    parser.add_argument("--variant", default=None, help=f"TFLite variant of {models} to run with LiteRT (default: "
+                                                        "the card's default); 'keras' runs the float Keras model")
+    parser.add_argument("--threads", type=int, default=2, help="LiteRT threads (default: %(default)s)")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="prepared-study cache (default: %(default)s)")
+
+
+def study_probability_of(study: PreparedStudy, card: ModelCard, predict: SlicePredictor,
+                         batch_size: int = 16) -> float:
+    """The card's aggregation of the study's analysed-slice probabilities, as the app computes it."""
+    slice_probs = np.concatenate([predict(x) for _, x in iter_input_batches(
+        study.resampled_hu, study.z_mm, card.contract, batch_size)])
+    return study_probability(slice_probs, card.aggregation.method, card.aggregation.k)
 
 
 def parse_splits(text: str, card: ModelCard) -> list[SplitSpec]:
@@ -133,12 +146,13 @@ def evaluate(card: ModelCard, splits: list[SplitSpec], predict: SlicePredictor,
     results, reports = {}, {}
     for split in splits:
         t0 = time.time()
-        studies = load_split(split, card.contract, cache_root)
-        probs = study_probabilities(studies, card, predict)
-        truths = [s.truth for s in studies]
-        results[split.name] = (truths, probs)
+        truths, probs = [], []
+        for study in iter_split(split, card.contract, cache_root):
+            truths.append(study.truth)
+            probs.append(study_probability_of(study, card, predict))
+        results[split.name] = (truths, np.asarray(probs))
         reports[split.name] = study_report(truths, probs, card.threshold)
-        log.info("%s: %d studies in %.0f s", split.name, len(studies), time.time() - t0)
+        log.info("%s: %d studies in %.0f s", split.name, len(truths), time.time() - t0)
     return results, reports
 
 
@@ -147,21 +161,15 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="registry name, model folder or .tflite file (default: the default model)")
     p.add_argument("--data", default="test,external", help="comma-separated splits (default: %(default)s)")
-    p.add_argument("--variant", default=None, help="TFLite variant to run with LiteRT (default: the card's default); "
-                                                   "'keras' runs the float Keras model")
-    p.add_argument("--threads", type=int, default=2, help="LiteRT threads (default: %(default)s)")
+    add_scoring_arguments(p)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <model>/evaluation)")
-    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="prepared-study cache (default: %(default)s)")
     p.add_argument("--update-card", action="store_true", help="store the metrics in the model card (release step)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         card = resolve_model(args.model)
         splits = parse_splits(args.data, card)
-        if args.variant == "keras":
-            variant, predict = "keras", keras_predictor(card)
-        else:
-            variant, predict = tflite_predictor(card, args.variant, args.threads)
+        variant, predict = predictor(card, args.variant, args.threads)
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

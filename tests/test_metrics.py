@@ -6,6 +6,7 @@ from model_zoo.metrics import (
     auc_with_ci,
     calibration,
     largest_lesion_bucket,
+    paired_auc_difference,
     sensitivity_specificity,
     study_report,
     threshold_for_sensitivity,
@@ -39,6 +40,26 @@ def test_auc_ci_brackets_the_estimate():
     p = y * 0.3 + rng.uniform(0, 0.7, 80)
     auc = auc_with_ci(y, p, n_boot=300)
     assert auc.low <= auc.value <= auc.high and 0.5 < auc.value < 1
+
+
+def test_paired_auc_difference_shows_a_gain_the_intervals_side_by_side_do_not():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 120)
+    a = y * 0.8 + rng.normal(0, 1, 120)  # both models see the same hard studies: their errors are correlated
+    b = a + y * 0.3 + rng.normal(0, 0.1, 120)  # B: a little better on the same studies
+    auc_a, auc_b = auc_with_ci(y, a, n_boot=500), auc_with_ci(y, b, n_boot=500)
+    assert auc_b.low < auc_a.high  # side by side the intervals overlap
+    gain = paired_auc_difference(y, a, b, n_boot=500)
+    assert gain.value == pytest.approx(auc_b.value - auc_a.value)
+    assert 0 < gain.low <= gain.value <= gain.high  # paired, the gain shows
+    loss = paired_auc_difference(y, b, a, n_boot=500)
+    assert loss.value == pytest.approx(-gain.value) and loss.high < 0
+    same = paired_auc_difference(y, a, a, n_boot=100)
+    assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same studies"):
+        paired_auc_difference(y, a, b[:-1])
+    with pytest.raises(ValueError, match="both positive and negative"):
+        paired_auc_difference(np.ones(5, int), a[:5], b[:5])
 
 
 def test_calibration_of_perfectly_calibrated_bins_is_small():

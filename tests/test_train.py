@@ -273,8 +273,9 @@ def test_the_gpu_path_trains_on_two_replicas_in_mixed_precision_and_saves_a_floa
 
 
 def test_training_can_hold_a_split_as_integer_hu_with_lesion_free_masks_shared(tmp_path):
-    """Training's compact form of a split: HU rounded to int16, and a lesion-free study's mask
-    a read-only view taking no memory; the 2.5D input is the float form's to within the rounding."""
+    """Training's compact form of a split: HU rounded to int16 and memory-mapped read-only from the
+    cache, and a lesion-free study's mask a read-only view taking no memory; the 2.5D input is the
+    float form's to within the rounding."""
     from model_zoo.data import make_example, without_faint_lesions
     from model_zoo.dataset import SplitSpec, load_split
 
@@ -283,8 +284,12 @@ def test_training_can_hold_a_split_as_integer_hu_with_lesion_free_masks_shared(t
     exact = load_split(split, contract, tmp_path, workers=1)
     compact = load_split(split, contract, tmp_path, workers=1, integer_hu=True)
     assert {s.positive for s in exact} == {True, False}
-    for a, b in zip(exact, compact):
+    assert len(list(tmp_path.rglob("*.hu16.npy"))) == 4 and not list(tmp_path.rglob("*partial*"))
+    again = load_split(split, contract, tmp_path, workers=1, integer_hu=True)  # maps the same files
+    for a, b, c in zip(exact, compact, again, strict=True):
         assert b.resampled_hu.dtype == np.int16
+        assert isinstance(b.resampled_hu, np.memmap) and not b.resampled_hu.flags.writeable
+        assert c.resampled_hu.filename == b.resampled_hu.filename and np.array_equal(c.resampled_hu, b.resampled_hu)
         assert np.abs(b.resampled_hu - a.resampled_hu).max() <= 0.5
         assert np.array_equal(a.lesion_mask, b.lesion_mask)
         if not a.lesion_mask.any():
@@ -294,6 +299,25 @@ def test_training_can_hold_a_split_as_integer_hu_with_lesion_free_masks_shared(t
         k = len(a.z_mm) // 2
         window_step = 0.5 / min(w.width for w in contract.windows)
         assert np.abs(make_example(a, k, contract) - make_example(b, k, contract)).max() <= window_step + 1e-6
+
+
+def test_a_split_can_be_read_one_study_at_a_time(tmp_path):
+    """Scoring a large split (evaluate, compare) reads it study by study: the same studies as
+    ``load_split``, prepared into the cache on the first read, one in memory at a time."""
+    from model_zoo.dataset import SplitSpec, iter_split, load_split
+
+    contract = InputContract(pixel_spacing_mm=2.0, height=64, width=80)
+    split = SplitSpec("held", seed=12, studies=3, slices=6)
+    lazy = iter_split(split, contract, tmp_path, workers=1)
+    assert not list(tmp_path.iterdir())  # nothing prepared before the first study is asked for
+    first = next(lazy)
+    assert len(list(tmp_path.rglob("*.npz"))) == 3
+    rest = list(lazy)
+    listed = load_split(split, contract, tmp_path, workers=1)
+    assert [s.key for s in [first, *rest]] == [s.key for s in listed]
+    for a, b in zip([first, *rest], listed, strict=True):
+        assert a.resampled_hu.dtype == np.float32 and np.array_equal(a.resampled_hu, b.resampled_hu)
+        assert a.truth == b.truth
 
 
 def test_phases_of_one_model_keep_their_checkpoints_apart(tmp_path, monkeypatch):
