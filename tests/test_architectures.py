@@ -8,6 +8,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
 
 tf_keras = pytest.importorskip("tf_keras")
 tfmot = pytest.importorskip("tensorflow_model_optimization")
@@ -89,7 +90,9 @@ def test_inference_mode_follows_a_short_training():
     model.fit(x, {"probability": y, "cam": cells}, batch_size=16, epochs=15, verbose=0)
     prob = model.predict(x, verbose=0)[0][:, 0]
     assert prob.std() > 0.05, prob[:6]
-    assert prob[::2].mean() > prob[1::2].mean() + 0.1
+    # The ranking, not a margin: how far apart the probabilities end up after 60 steps depends on
+    # the CPU's kernels (0.087 vs 0.000 on an AVX-512 machine, 0.1+ on an AVX2 one).
+    assert roc_auc_score(y[:, 0], prob) > 0.95
 
 
 @pytest.mark.parametrize(
