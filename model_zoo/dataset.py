@@ -120,10 +120,11 @@ def _int16_hu(path: Path, cached: np.lib.npyio.NpzFile) -> np.ndarray:
 
     Mapped, the split lives in the page cache, which the kernel can drop and read back
     under pressure; held in the process it could only grow (1200 training studies took
-    22 GB of this 23 GB machine that way). The file is written on first use.
+    22 GB of this 23 GB machine that way). The file is written on first use, and again
+    when the cache entry is newer than it (the entry was prepared again).
     """
     side = path.with_name(path.stem + ".hu16.npy")
-    if not side.exists():
+    if not side.exists() or side.stat().st_mtime_ns < path.stat().st_mtime_ns:
         partial = path.with_name(f"{path.stem}.hu16.{os.getpid()}.partial.npy")  # np.save keeps a .npy name
         np.save(partial, np.rint(cached["resampled_hu"]).clip(-32768, 32767).astype(np.int16))
         os.replace(partial, side)

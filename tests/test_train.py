@@ -1,6 +1,7 @@
 """A tiny end-to-end training run: phantoms -> contract -> tf.data -> MobileNetV2 -> card."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -299,6 +300,15 @@ def test_training_can_hold_a_split_as_integer_hu_with_lesion_free_masks_shared(t
         k = len(a.z_mm) // 2
         window_step = 0.5 / min(w.width for w in contract.windows)
         assert np.abs(make_example(a, k, contract) - make_example(b, k, contract)).max() <= window_step + 1e-6
+    # A cache entry prepared again (newer than its int16 file) gets a fresh one, not the stale map.
+    entry = next(tmp_path.rglob("*_i0.npz"))
+    side = entry.with_name(entry.stem + ".hu16.npy")
+    stale = side.with_name("stale.npy")
+    np.save(stale, np.zeros(exact[0].resampled_hu.shape, np.int16))
+    os.replace(stale, side)  # a new file: the arrays mapped above keep theirs
+    os.utime(entry, ns=(side.stat().st_mtime_ns + 10**9,) * 2)
+    fresh = load_split(split, contract, tmp_path, workers=1, integer_hu=True)[0].resampled_hu
+    assert np.array_equal(fresh, np.rint(exact[0].resampled_hu)) and fresh.any()
 
 
 def test_a_split_can_be_read_one_study_at_a_time(tmp_path):
