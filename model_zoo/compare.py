@@ -15,7 +15,7 @@ splits narrow the interval (studies are cheap to generate, prepared once into th
 The verdict per split: "B better" or "A better" when the interval excludes 0,
 otherwise "no difference shown".
 
-Exit codes: 0 compared, 2 model or data problem.
+Exit codes: 0 compared, 2 model or data problem (or the --json file cannot be written).
 """
 
 from __future__ import annotations
@@ -116,21 +116,25 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        models, labels = [], []
+        models, names = [], []
         for name in (args.model_a, args.model_b):
             card = resolve_model(name)
             variant, predict = predictor(card, args.variant, args.threads)
             models.append((card, predict))
-            labels.append(_label(card, variant))
+            names.append(_label(card, variant))
         splits = parse_splits(args.data, models[0][0])
         rows = [compare_split(split, models, args.cache) for split in splits]
     except (ModelError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_table(*labels, rows))
+    print(format_table(*names, rows))
     if args.json:
-        args.json.write_text(json.dumps({"a": labels[0], "b": labels[1], "splits": [r.to_json() for r in rows]},
-                                        indent=2) + "\n")
+        document = {"a": names[0], "b": names[1], "splits": [r.to_json() for r in rows]}
+        try:
+            args.json.write_text(json.dumps(document, indent=2) + "\n")
+        except OSError as exc:
+            print(f"error: cannot write {args.json}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     return 0
 
 

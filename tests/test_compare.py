@@ -32,11 +32,16 @@ def test_a_model_against_itself_shows_no_difference(tiny_model, tmp_path, capsys
     assert "| held | 8 (" in table and "no difference shown" in table and "tiny-test 0.0.1 (float32" in table
 
 
-def test_a_missing_model_or_an_unknown_split_is_a_one_line_error(tiny_model, tmp_path, capsys):
+def test_a_missing_model_an_unknown_split_or_an_unwritable_json_is_a_one_line_error(tiny_model, tmp_path, capsys):
     assert main([str(tiny_model), str(tmp_path / "nowhere"), "--data", SPLIT]) == 2
     assert capsys.readouterr().err.startswith("error: ")
     assert main([str(tiny_model), str(tiny_model), "--data", "test"]) == 2  # the tiny card has no training config
     assert "unknown data split 'test'" in capsys.readouterr().err
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert main([str(tiny_model), str(tiny_model), "--data", SPLIT, "--cache", str(tmp_path / "cache"),
+                 "--json", str(blocked / "compare.json")]) == 2  # a file where the folder should be
+    assert capsys.readouterr().err.startswith(f"error: cannot write {blocked / 'compare.json'}")
 
 
 @pytest.mark.parametrize(("low", "high", "verdict"), [(0.01, 0.05, "B better"), (-0.05, -0.01, "A better"),
