@@ -72,15 +72,15 @@ def compare_split(split: SplitSpec, models: list[tuple[ModelCard, SlicePredictor
                   cache_root: Path = DEFAULT_CACHE) -> SplitComparison:
     """Score one split with both models (each through its own contract) and compare them.
 
-    One study at a time, so a large split does not have to fit in memory.
+    One study at a time, so a large split does not have to fit in memory; models that
+    share a contract share each loaded study.
     """
     labels, scores = [], ([], [])
-    cards = [card for card, _ in models]
-    studies = zip(*(iter_split(split, card.contract, cache_root) for card in cards), strict=True)
-    for views in studies:  # the same study through each model's contract
-        labels.append(int(views[0].positive))
-        for score, study, (card, predict) in zip(scores, views, models, strict=True):
-            score.append(study_probability_of(study, card, predict))
+    contracts = list(dict.fromkeys(card.contract for card, _ in models))
+    for views in zip(*(iter_split(split, c, cache_root) for c in contracts), strict=True):
+        labels.append(int(views[0].positive))  # the same study through each contract
+        for score, (card, predict) in zip(scores, models, strict=True):
+            score.append(study_probability_of(views[contracts.index(card.contract)], card, predict))
     log.info("%s: %d studies scored by both models", split.name, len(labels))
     y = np.asarray(labels)
     return SplitComparison(split.name, len(y), int(y.sum()), auc_with_ci(y, scores[0]), auc_with_ci(y, scores[1]),
