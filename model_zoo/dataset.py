@@ -2,10 +2,13 @@
 
 A data split is a list of studies drawn from the phantom generator by (seed, index);
 different splits use different seeds, so no study is in two splits. Each prepared
-study keeps its slices resampled onto the contract grid (float32 HU), its slice
-positions and labels, and the study truth; the 2.5D stacking and windowing happen
-later through the same contract functions the app uses. Training reads the HU as int16
-from a memory-mapped .npy file written beside each entry on first use.
+study keeps its slices resampled onto the contract grid, its slice positions and
+labels, and the study truth; the 2.5D stacking and windowing happen later through the
+same contract functions the app uses. A cache entry is a .npz (positions, labels, truth,
+packed lesion mask) and a .hu16.npy beside it: the HU rounded to int16, as CT stores
+them, which training memory-maps and evaluation reads as float32. (Entries written
+before the .npy held float32 HU in the .npz; they are still read, and training writes
+their .npy on first use.)
 """
 
 from __future__ import annotations
@@ -96,16 +99,32 @@ def _cache_dir(root: Path, contract: InputContract) -> Path:
     return root / f"prepared_{tag}"
 
 
+def _int16_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".hu16.npy")
+
+
+def _write_int16(path: Path, hu: np.ndarray) -> None:
+    """The HU of entry ``path`` rounded to int16 (0.5 HU at most, far below the 15-80 HU noise)."""
+    partial = path.with_name(f"{path.stem}.hu16.{os.getpid()}.partial.npy")  # np.save keeps a .npy name
+    np.save(partial, np.rint(hu).clip(-32768, 32767).astype(np.int16))
+    os.replace(partial, _int16_path(path))
+
+
 def _save(path: Path, study: PreparedStudy) -> None:
+    _write_int16(path, study.resampled_hu)  # first: an entry whose .npz exists is complete
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, resampled_hu=study.resampled_hu, z_mm=study.z_mm, slice_labels=study.slice_labels,
-             truth=np.array(json.dumps(study.truth)), lesion_mask=np.packbits(study.lesion_mask, axis=-1))
+    np.savez(tmp, z_mm=study.z_mm, slice_labels=study.slice_labels, truth=np.array(json.dumps(study.truth)),
+             lesion_mask=np.packbits(study.lesion_mask, axis=-1))
     os.replace(tmp, path)
 
 
 def _load(path: Path, integer_hu: bool = False) -> PreparedStudy:
     with np.load(path) as f:
-        hu = _int16_hu(path, f) if integer_hu else f["resampled_hu"]
+        if "resampled_hu" in f.files:  # an entry from before the int16 .npy
+            hu = _int16_hu(path, f) if integer_hu else f["resampled_hu"]
+        else:
+            hu = np.load(_int16_path(path), mmap_mode="r")
+            hu = hu if integer_hu else hu.astype(np.float32)
         packed = f["lesion_mask"]
         if packed.any():
             mask = np.unpackbits(packed, axis=-1, count=hu.shape[-1]).astype(bool)
@@ -116,18 +135,16 @@ def _load(path: Path, integer_hu: bool = False) -> PreparedStudy:
 
 
 def _int16_hu(path: Path, cached: np.lib.npyio.NpzFile) -> np.ndarray:
-    """The study's HU rounded to int16, memory-mapped read-only from a .npy file beside its cache entry.
+    """The int16 HU of an entry from before the .npy, memory-mapped read-only from one written beside it.
 
     Mapped, the split lives in the page cache, which the kernel can drop and read back
     under pressure; held in the process it could only grow (1200 training studies took
     22 GB of this 23 GB machine that way). The file is written on first use, and again
     when the cache entry is newer than it (the entry was prepared again).
     """
-    side = path.with_name(path.stem + ".hu16.npy")
+    side = _int16_path(path)
     if not side.exists() or side.stat().st_mtime_ns < path.stat().st_mtime_ns:
-        partial = path.with_name(f"{path.stem}.hu16.{os.getpid()}.partial.npy")  # np.save keeps a .npy name
-        np.save(partial, np.rint(cached["resampled_hu"]).clip(-32768, 32767).astype(np.int16))
-        os.replace(partial, side)
+        _write_int16(path, cached["resampled_hu"])
     return np.load(side, mmap_mode="r")
 
 
@@ -173,14 +190,20 @@ def load_split(
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     integer_hu: bool = False,
+    transform: Callable[[PreparedStudy], PreparedStudy] | None = None,
 ) -> list[PreparedStudy]:
     """Prepare (or read from the cache) every study of a split, in index order.
 
-    ``integer_hu`` rounds the HU to int16, as CT stores them (0.5 HU at most, far below the
-    15-80 HU noise), memory-mapped read-only from the cache: half the bytes, and in the page
-    cache rather than in the process, so training is not bounded by holding its split.
+    ``integer_hu`` keeps the HU as the cache's int16, memory-mapped read-only: half the
+    bytes of float32, and in the page cache rather than in the process, so training is not
+    bounded by holding its split. ``transform`` is applied to each study as it is read, so
+    only its results are held (e.g. training's edited lesion masks, 3.9 MB a positive study).
     """
-    return [_load(p, integer_hu) for p in _prepared_paths(split, contract, cache_root, workers, progress)]
+    studies = []
+    for path in _prepared_paths(split, contract, cache_root, workers, progress):
+        study = _load(path, integer_hu)
+        studies.append(transform(study) if transform else study)
+    return studies
 
 
 def iter_split(split: SplitSpec, contract: InputContract, cache_root: Path = DEFAULT_CACHE,

@@ -212,16 +212,22 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
     def progress(name):
         return lambda done, total: log.info("prepared %s studies: %d/%d", name, done, total)
 
-    train_studies = load_split(splits["train"], contract, cache_root, progress=progress("train"), integer_hu=True)
+    min_area = float(tcfg.get("min_lesion_area_mm2", 0.0))
+    min_px = int(np.ceil(min_area / contract.pixel_spacing_mm ** 2))
+    lesion_slices = 0
+
+    def training_view(study: PreparedStudy) -> PreparedStudy:
+        nonlocal lesion_slices
+        lesion_slices += int((study.slice_labels == 1).sum())
+        return without_faint_lesions(study, min_px) if min_area else study
+
+    train_studies = load_split(splits["train"], contract, cache_root, progress=progress("train"), integer_hu=True,
+                               transform=training_view)
     val_studies = load_split(splits["val"], contract, cache_root, progress=progress("val"))
     log.info("data ready in %.0f s: %d train / %d val studies", time.time() - t0, len(train_studies), len(val_studies))
-    min_area = float(tcfg.get("min_lesion_area_mm2", 0.0))
     if min_area:
-        before = len(labelled_slices(train_studies)[0])
-        min_px = int(np.ceil(min_area / contract.pixel_spacing_mm ** 2))
-        train_studies = [without_faint_lesions(s, min_px) for s in train_studies]
         log.info("lesion cross-sections under %g mm2 dropped: %d of %d lesion slices left as positives",
-                 min_area, len(labelled_slices(train_studies)[0]), before)
+                 min_area, len(labelled_slices(train_studies)[0]), lesion_slices)
 
     strategy, policy = distribution_strategy()
     batch = int(tcfg.get("batch_size", 32)) * strategy.num_replicas_in_sync

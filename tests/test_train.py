@@ -274,16 +274,19 @@ def test_the_gpu_path_trains_on_two_replicas_in_mixed_precision_and_saves_a_floa
 
 
 def test_training_can_hold_a_split_as_integer_hu_with_lesion_free_masks_shared(tmp_path):
-    """Training's compact form of a split: HU rounded to int16 and memory-mapped read-only from the
-    cache, and a lesion-free study's mask a read-only view taking no memory; the 2.5D input is the
-    float form's to within the rounding."""
+    """The cache keeps HU as int16 (no float32 copy); training memory-maps them read-only, and a
+    lesion-free study's mask is a read-only view taking no memory; the 2.5D input is the float
+    form's. A transform given to load_split sees every study as it is read."""
     from model_zoo.data import make_example, without_faint_lesions
     from model_zoo.dataset import SplitSpec, load_split
 
     contract = InputContract(pixel_spacing_mm=2.0, height=64, width=80)
     split = SplitSpec("train", seed=11, studies=4, slices=8)
     exact = load_split(split, contract, tmp_path, workers=1)
-    compact = load_split(split, contract, tmp_path, workers=1, integer_hu=True)
+    seen = []
+    compact = load_split(split, contract, tmp_path, workers=1, integer_hu=True,
+                         transform=lambda study: seen.append(study.key) or study)
+    assert seen == [s.key for s in compact] == [s.key for s in exact]
     assert {s.positive for s in exact} == {True, False}
     assert len(list(tmp_path.rglob("*.hu16.npy"))) == 4 and not list(tmp_path.rglob("*partial*"))
     again = load_split(split, contract, tmp_path, workers=1, integer_hu=True)  # maps the same files
@@ -300,15 +303,26 @@ def test_training_can_hold_a_split_as_integer_hu_with_lesion_free_masks_shared(t
         k = len(a.z_mm) // 2
         window_step = 0.5 / min(w.width for w in contract.windows)
         assert np.abs(make_example(a, k, contract) - make_example(b, k, contract)).max() <= window_step + 1e-6
-    # A cache entry prepared again (newer than its int16 file) gets a fresh one, not the stale map.
+    # The cache holds no float32 copy of the HU: the int16 file is the entry's HU.
     entry = next(tmp_path.rglob("*_i0.npz"))
     side = entry.with_name(entry.stem + ".hu16.npy")
+    with np.load(entry) as f:
+        fields = {k: f[k] for k in f.files}
+    assert "resampled_hu" not in fields and exact[0].resampled_hu.dtype == np.float32
+    # An entry from before the int16 file (float32 HU inside) gets one on first use, and a fresh
+    # one when the entry is prepared again (newer than its file), not the stale map.
+    hu = exact[0].resampled_hu + np.float32(0.3)
+    np.savez(entry, resampled_hu=hu, **fields)
+    side.unlink()
+    legacy = load_split(split, contract, tmp_path, workers=1, integer_hu=True)[0].resampled_hu
+    assert np.array_equal(legacy, np.rint(hu)) and side.exists()
+    assert np.array_equal(load_split(split, contract, tmp_path, workers=1)[0].resampled_hu, hu)
     stale = side.with_name("stale.npy")
-    np.save(stale, np.zeros(exact[0].resampled_hu.shape, np.int16))
+    np.save(stale, np.zeros(hu.shape, np.int16))
     os.replace(stale, side)  # a new file: the arrays mapped above keep theirs
     os.utime(entry, ns=(side.stat().st_mtime_ns + 10**9,) * 2)
     fresh = load_split(split, contract, tmp_path, workers=1, integer_hu=True)[0].resampled_hu
-    assert np.array_equal(fresh, np.rint(exact[0].resampled_hu)) and fresh.any()
+    assert np.array_equal(fresh, np.rint(hu)) and fresh.any()
 
 
 def test_a_split_can_be_read_one_study_at_a_time(tmp_path):
