@@ -32,6 +32,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
 from tf_keras import layers  # noqa: E402
@@ -328,3 +329,20 @@ def build_model(
     except KeyError:
         raise ValueError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}") from None
     return builder(input_shape=input_shape, alpha=alpha, dropout=dropout, weights=weights, name=name, prior=prior)
+
+
+def inference(model: tf_keras.Model, batch_size: int = 32) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """``x`` (n, H, W, C) -> ``model``'s (probability, cam) as numpy, in batches through one traced function.
+
+    Not ``Model.predict``: it builds a data pipeline per call and keeps about 6 MB of it each
+    time (measured here), so scoring a split study by study grew training by 1 GB an epoch.
+    """
+    traced = tf.function(lambda x: model(x, training=False),
+                         input_signature=[tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)])
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        batches = [traced(tf.constant(x[i:i + batch_size], tf.float32)) for i in range(0, len(x), batch_size)]
+        probability, cam = (np.concatenate([np.asarray(b[j], np.float32) for b in batches]) for j in (0, 1))
+        return probability, cam
+
+    return run

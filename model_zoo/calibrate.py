@@ -48,7 +48,7 @@ from scipy.special import expit  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from model_zoo.aggregation import study_probability  # noqa: E402
-from model_zoo.architectures import CAM, custom_objects  # noqa: E402
+from model_zoo.architectures import CAM, custom_objects, inference  # noqa: E402
 from model_zoo.card import Aggregation, ModelCard, ModelError, resolve_model  # noqa: E402
 from model_zoo.contract import InputContract  # noqa: E402
 from model_zoo.dataset import DEFAULT_CACHE, PreparedStudy, load_split, split_specs, study_inputs  # noqa: E402
@@ -73,8 +73,9 @@ def slice_outputs(model: tf_keras.Model, studies: Sequence[PreparedStudy], contr
     """Per study, the probabilities (the model's float32 output, as the app gets it) and the
     logits (cam maximum, for the fit: no sigmoid saturation) of the slices the model analyses."""
     probabilities, logits = [], []
+    run = inference(model, batch_size)
     for study in studies:
-        probability, cam = model.predict(study_inputs(study, contract), batch_size=batch_size, verbose=0)
+        probability, cam = run(study_inputs(study, contract))
         probabilities.append(probability[:, 0])
         logits.append(cam.reshape(len(cam), -1).max(axis=1).astype(np.float64))
     return probabilities, logits

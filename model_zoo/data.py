@@ -237,7 +237,8 @@ def make_train_dataset(studies: Sequence[PreparedStudy], contract: InputContract
                        aug: Augmentation | None, seed: int, positive_fraction: float = 0.35,
                        lesion_map: bool = True, crop: tuple[int, int] | None = None,
                        fine_stride: int | None = None, osteoporotic_fraction: float | None = None,
-                       hard_negatives: np.ndarray | None = None, hard_negative_fraction: float = 0.0) -> tf.data.Dataset:
+                       hard_negatives: np.ndarray | None = None, hard_negative_fraction: float = 0.0,
+                       first_example: int = 0) -> tf.data.Dataset:
     """An endless, seeded stream of (image, {"probability": label, "cam": lesion grid}) batches.
 
     Positive slices are rare, so each example is positive with ``positive_fraction``
@@ -252,6 +253,8 @@ def make_train_dataset(studies: Sequence[PreparedStudy], contract: InputContract
     (default: in proportion to their slices). ``hard_negatives`` (rows of study, slice, row,
     col: where the model fired on lesion-free slices, see ``model_zoo.train.mine_hard_negatives``)
     supply ``hard_negative_fraction`` of the negative examples, cropped around that spot.
+    ``first_example`` starts the stream that far in (a resumed run: the same examples as a
+    run that was never stopped).
     """
     positives, negatives = labelled_slices(studies)
     if len(positives) == 0 or len(negatives) == 0:
@@ -277,7 +280,8 @@ def make_train_dataset(studies: Sequence[PreparedStudy], contract: InputContract
             s, k, *spot = pool[rng.integers(len(pool))]
             if spot:
                 row, col = spot
-            yield np.int64(s), np.int64(k), np.int64(seed * 1_000_003 + n), np.int64(row), np.int64(col)
+            if n >= first_example:
+                yield np.int64(s), np.int64(k), np.int64(seed * 1_000_003 + n), np.int64(row), np.int64(col)
             n += 1
 
     height, width = crop or (contract.height, contract.width)

@@ -51,10 +51,11 @@ def keras_predictor(card: ModelCard) -> SlicePredictor:
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     import tf_keras
 
-    from model_zoo.architectures import custom_objects
+    from model_zoo.architectures import custom_objects, inference
 
     model = tf_keras.models.load_model(str(card.verify(card.keras_file)), custom_objects=custom_objects(), compile=False)
-    return lambda x: model.predict(x, verbose=0, batch_size=32)[0][:, 0]
+    run = inference(model)
+    return lambda x: run(x)[0][:, 0]
 
 
 def predictor(card: ModelCard, variant: str | None, threads: int = 2) -> tuple[str, SlicePredictor]:

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
 
-from model_zoo.architectures import build_model  # noqa: E402
+from model_zoo.architectures import build_model, inference  # noqa: E402
 from model_zoo.calibrate import aggregated, calibrate, slice_outputs  # noqa: E402
 from model_zoo.card import MODELS_DIR, Aggregation, ModelCard  # noqa: E402
 from model_zoo.contract import InputContract, model_input  # noqa: E402
@@ -99,11 +99,12 @@ def mine_hard_negatives(model: tf_keras.Model, studies: list[PreparedStudy], con
         raise ValueError(f"hard_negative_top must lie in (0, 1], got {top_fraction}")
     t0 = time.time()
     rows, logits = [], []
+    run = inference(model, batch_size)
     for s, study in enumerate(studies):
         negative = np.flatnonzero(study.slice_labels == 0)
         if len(negative):
             inputs = model_input(study.resampled_hu, study.z_mm, study.z_mm[negative], contract)
-            cam = model.predict(inputs, batch_size=batch_size, verbose=0)[1][..., 0]
+            cam = run(inputs)[1][..., 0]
             flat = cam.reshape(len(negative), -1)
             cells = np.argmax(flat, axis=1)
             r, c = np.unravel_index(cells, cam.shape[1:])
@@ -275,10 +276,6 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
             model.set_weights(trained.get_weights())
             hard_negatives, mining = mine_hard_negatives(model, train_studies, contract,
                                                          float(tcfg.get("hard_negative_top", 0.2)))
-        ds = make_train_dataset(train_studies, contract, batch, Augmentation.from_dict(cfg.get("augmentation", {})),
-                                seed=seed, positive_fraction=float(tcfg.get("positive_fraction", 0.35)), crop=crop,
-                                fine_stride=fine_stride, osteoporotic_fraction=tcfg.get("osteoporotic_fraction"),
-                                hard_negatives=hard_negatives, hard_negative_fraction=hard_fraction)
         state = {"epoch": tf.Variable(0, dtype=tf.int64), "best_auc": tf.Variable(-1.0, dtype=tf.float64),
                  "stale": tf.Variable(0, dtype=tf.int64)}
         ckpt = tf.train.Checkpoint(model=trainer, optimizer=optimizer, **state)
@@ -294,6 +291,12 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
     callback = StudyAUCCheckpoint(model, trained, val_studies, contract, aggregation, manager, state, best_path,
                                   int(tcfg.get("patience", 4)), deadline)
     start_epoch = int(state["epoch"].numpy())
+    # A resumed run continues the example stream where it stopped instead of replaying it.
+    ds = make_train_dataset(train_studies, contract, batch, Augmentation.from_dict(cfg.get("augmentation", {})),
+                            seed=seed, positive_fraction=float(tcfg.get("positive_fraction", 0.35)), crop=crop,
+                            fine_stride=fine_stride, osteoporotic_fraction=tcfg.get("osteoporotic_fraction"),
+                            hard_negatives=hard_negatives, hard_negative_fraction=hard_fraction,
+                            first_example=start_epoch * steps * batch)
     start_auc = None
     if tcfg.get("init_weights") and start_epoch == 0:
         # A phase must start where the previous one ended: a wrong or stale init_weights file shows here.

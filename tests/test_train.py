@@ -39,6 +39,44 @@ def test_resume_continues_from_the_checkpoint(tiny_run, tmp_path):
     assert resumed.training["epochs_run"] == cfg["training"]["epochs"]
 
 
+def test_a_resumed_run_continues_the_example_stream_where_it_stopped(tiny_run):
+    """``first_example`` skips that many examples: a resumed run sees what an unstopped one would."""
+    from model_zoo.data import Augmentation, make_train_dataset
+    from model_zoo.dataset import load_split, split_specs
+
+    cfg, _card, root = tiny_run
+    contract = InputContract.from_dict(cfg["contract"])
+    studies = load_split(split_specs(cfg)["val"], contract, root / "cache")
+    aug = Augmentation()  # seeded per example, so a skipped stream replays exactly
+
+    def batches(first_example, n):
+        ds = make_train_dataset(studies, contract, 3, aug, seed=5, first_example=first_example)
+        return [(x.numpy(), y["probability"].numpy()) for x, y in ds.take(n)]
+
+    unstopped, resumed = batches(0, 3), batches(6, 1)
+    np.testing.assert_array_equal(resumed[0][0], unstopped[2][0])
+    np.testing.assert_array_equal(resumed[0][1], unstopped[2][1])
+    assert not np.array_equal(unstopped[0][0], unstopped[2][0])
+
+
+def test_keras_inference_gives_what_predict_gives_in_any_batch_size(tiny_run):
+    """The traced inference function (Model.predict keeps memory on every call) agrees with predict."""
+    import tf_keras
+
+    from model_zoo.architectures import custom_objects, inference
+    from model_zoo.dataset import load_split, split_specs, study_inputs
+
+    cfg, _card, root = tiny_run
+    contract = InputContract.from_dict(cfg["contract"])
+    model = tf_keras.models.load_model(str(root / "model" / "model.keras"), custom_objects=custom_objects(), compile=False)
+    x = study_inputs(load_split(split_specs(cfg)["val"], contract, root / "cache")[0], contract)[:5]
+    expected = model.predict(x, verbose=0)
+    for got in (inference(model, batch_size=2)(x), inference(model)(x)):
+        assert got[0].shape == (5, 1) and got[1].shape == expected[1].shape
+        np.testing.assert_allclose(got[0], expected[0], atol=1e-6)
+        np.testing.assert_allclose(got[1], expected[1], atol=1e-5)
+
+
 def test_training_pipeline_matches_the_numpy_contract(tiny_run):
     """The tf.data path without augmentation yields exactly the contract's tensor."""
     from model_zoo.contract import model_input
