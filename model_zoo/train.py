@@ -29,7 +29,14 @@ import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
 
 from model_zoo.architectures import build_model, inference  # noqa: E402
-from model_zoo.calibrate import aggregated, calibrate, slice_outputs  # noqa: E402
+from model_zoo.calibrate import (  # noqa: E402
+    aggregated,
+    calibrate,
+    calibration_name,
+    calibration_split,
+    load_calibration_studies,
+    slice_outputs,
+)
 from model_zoo.card import MODELS_DIR, Aggregation, ModelCard  # noqa: E402
 from model_zoo.contract import InputContract, model_input  # noqa: E402
 from model_zoo.data import (  # noqa: E402
@@ -316,8 +323,12 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
     train_seconds = time.time() - t0
 
     # Over-confident raw probabilities are rescaled in the weights (see model_zoo.calibrate);
-    # the threshold is chosen on the calibrated validation probabilities.
-    calibration = calibrate(model, val_studies, contract, aggregation, float(cfg.get("threshold_min_sensitivity", 0.95)))
+    # the threshold is chosen on the calibrated probabilities of the calibration split (default: validation).
+    calibration_spec = calibration_split(cfg)
+    calibration_studies = val_studies if calibration_spec.name == "val" else (  # loaded only now: training does not hold it
+        load_calibration_studies(calibration_spec, contract, cache_root))
+    calibration = calibrate(model, calibration_studies, contract, aggregation,
+                            float(cfg.get("threshold_min_sensitivity", 0.95)), calibration_name(calibration_spec))
     threshold = calibration["threshold"]
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save(str(out_dir / KERAS_FILE))

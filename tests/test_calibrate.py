@@ -77,6 +77,8 @@ def test_training_saves_its_best_weights_with_the_calibration_folded_in(tiny_run
     cfg, card, root = tiny_run
     record = card.training["calibration"]
     assert card.threshold == record["threshold"] and card.metrics["validation"]["auc"] == record["val_auc"]
+    # The tiny config fits on its calibration split (the 4 validation studies and 2 more), not on validation.
+    assert record["fitted_on"] == "calibration (seed 12) split, 6 studies"
     saved = load_card(root / "model")
     model = tf_keras.models.load_model(str(saved.verify(saved.keras_file)), custom_objects=custom_objects(),
                                        compile=False)
@@ -117,3 +119,15 @@ def test_the_cli_calibrates_a_saved_model_once_and_drops_its_old_variants(tiny_r
     np.testing.assert_allclose(p_after, expit(record["slope"] * z_before + record["intercept"]), atol=1e-4)
     assert main(["--model", str(folder), "--cache", str(root / "cache")]) == 2
     assert "already calibrated" in capsys.readouterr().err
+
+
+def test_the_calibration_split_is_the_configs_own_else_validation():
+    from model_zoo.calibrate import calibration_name, calibration_split
+
+    val = {"seed": 2000, "studies": 160, "slices": 48}
+    split = calibration_split({"data": {"train": {"seed": 1, "studies": 9}, "val": val}})
+    assert (split.name, split.seed, split.studies) == ("val", 2000, 160)
+    assert calibration_name(split) == "validation"
+    split = calibration_split({"data": {"val": val, "calibration": {**val, "studies": 480}}})
+    assert (split.name, split.seed, split.studies) == ("calibration", 2000, 480)
+    assert calibration_name(split) == "calibration (seed 2000)"
