@@ -162,7 +162,7 @@ def load_calibration_studies(split: SplitSpec, contract: InputContract, cache_ro
 
 
 def calibrate(model: tf_keras.Model, studies: Sequence[PreparedStudy], contract: InputContract,
-              aggregation: Aggregation, min_sensitivity: float, split_name: str = "validation") -> dict:
+              aggregation: Aggregation, min_sensitivity: float, split_name: str) -> dict:
     """Fit the map on ``studies`` (split ``split_name``), fold it into ``model`` and choose the threshold again.
 
     Returns the card's record: the map, the ECE on ``studies`` before and after, the new
