@@ -49,8 +49,8 @@ def build_study_result(series: Series, analysed: np.ndarray, probabilities: np.n
     ``analysed``: the increasing slice indices the model ran on (``contract.analysed_slices``);
     ``probabilities`` (m,) and ``cams`` (m, h, w[, 1]) are its outputs there. The study
     probability aggregates the model outputs only; every other slice gets a probability
-    interpolated along z. Findings are runs of slices at or above the card's threshold,
-    each located by the heatmap of its most suspicious analysed slice. Timing is left to
+    interpolated along z. Findings (positive studies only) are runs of slices at or above the
+    card's threshold, each located by the heatmap of its most suspicious analysed slice. Timing is left to
     the caller.
     """
     n = series.n_slices
@@ -70,7 +70,10 @@ def build_study_result(series: Series, analysed: np.ndarray, probabilities: np.n
     # Heatmaps and finding peaks only where the model ran.
     ranked = np.full(n, -np.inf)
     ranked[analysed] = p_model
-    runs = [(a, b) for a, b in suspicious_runs(p, threshold) if np.isfinite(ranked[a:b + 1].max())]
+    positive = probability >= threshold
+    # A negative call has no findings, even when one slice crosses the threshold (top-k mean below it):
+    # the report would otherwise say "absent" and mark a lesion region at once.
+    runs = [(a, b) for a, b in suspicious_runs(p, threshold) if np.isfinite(ranked[a:b + 1].max())] if positive else []
     image_shape = series.hu.shape[1:]
     heatmaps = {i: cam_to_image(cams[np.searchsorted(analysed, i)], image_shape, series.pixel_spacing_mm,
                                 card.contract)
@@ -91,7 +94,7 @@ def build_study_result(series: Series, analysed: np.ndarray, probabilities: np.n
         study_instance_uid=series.study_instance_uid,
         series_instance_uid=series.series_instance_uid,
         probability=probability,
-        positive=probability >= threshold,
+        positive=positive,
         threshold=threshold,
         model=model,
         slices=slices,

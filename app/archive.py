@@ -174,6 +174,18 @@ def _add_file(item: InputFile, found: Discovery, seen: set[Path], workdir: Path,
         found.files.append(item)
 
 
+# Files operating systems leave next to the images (macOS resource forks, Finder and Explorer
+# caches): passed over quietly instead of one "not a DICOM file" error per image.
+_CLUTTER_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+_CLUTTER_FOLDERS = frozenset({"__MACOSX"})
+
+
+def _is_clutter(relpath: str) -> bool:
+    parts = relpath.replace("\\", "/").split("/")
+    name = parts[-1]
+    return name in _CLUTTER_NAMES or name.startswith("._") or any(p in _CLUTTER_FOLDERS for p in parts[:-1])
+
+
 def _walk_folder(root: Path, limits: IngestLimits) -> tuple[list[InputFile], list[InputError]]:
     """Regular files below ``root``; symlinks leaving ``root`` are reported, never followed."""
     root_real = root.resolve()
@@ -183,9 +195,9 @@ def _walk_folder(root: Path, limits: IngestLimits) -> tuple[list[InputFile], lis
         errors.append(InputError(str(exc.filename), f"folder cannot be read ({exc.strerror or 'I/O error'})"))
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=False):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if d not in _CLUTTER_FOLDERS)
         here = Path(dirpath)
-        for name in sorted(dirnames) + sorted(filenames):
+        for name in dirnames + sorted(f for f in filenames if not _is_clutter(f)):
             full = here / name
             try:
                 st = full.lstat()
@@ -274,7 +286,9 @@ def _extract_zip(archive: InputFile, workdir: Path, budget: _Budget) -> tuple[li
     except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError):
         return [], [InputError(label, "is a damaged zip archive")]
     with zf:
-        members = [info for info in zf.infolist() if not info.is_dir()]
+        # Windows tools may end a folder entry with a backslash, which is_dir() does not recognise.
+        members = [info for info in zf.infolist()
+                   if not info.is_dir() and not info.filename.endswith("\\") and not _is_clutter(info.filename)]
         declared = sum(info.file_size for info in members)
         if declared > budget.bytes_left:
             return [], [InputError(label, f"zip archive would expand to {format_bytes(declared)}, more than the "
@@ -330,6 +344,11 @@ def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, de
     """
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        return "archive member's folder has the name of another member (a file); not extracted"
+    except OSError as exc:
+        return f"archive member could not be written ({exc.strerror or 'I/O error'})"
+    try:
         if not target.parent.resolve().is_relative_to(dest.resolve()):  # defence in depth
             return "archive member has an unsafe path; not extracted"
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

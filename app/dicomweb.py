@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import pydicom
 import requests
+from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
@@ -198,6 +199,8 @@ class DicomWebClient:
             answer = response.json() if response.content else None
         except ValueError:
             answer = None
+        if not isinstance(answer, dict):  # e.g. a proxy's HTML page: only the QIDO check can tell what was stored
+            answer = None
         if response.status_code in (400, 409) and answer is None:
             raise RequestRejected(f"server {self.base_url} rejected the upload (HTTP {response.status_code})",
                                   response.status_code)
@@ -208,7 +211,13 @@ class DicomWebClient:
 
     # --- QIDO-RS --------------------------------------------------------------------
     def _search(self, path: str, params: dict) -> list[dict]:
+        """All results of a QIDO-RS query, page by page.
+
+        Another page is asked for when this one was full or the server said it cut the results
+        short (PS3.18 "Warning: 299"); a server that ignores ``offset`` and repeats its page ends the loop.
+        """
         results: list[dict] = []
+        previous: list | None = None
         while True:
             response = self._request("GET", path, params={**params, "limit": QIDO_PAGE, "offset": len(results)},
                                      headers={"Accept": DICOM_JSON})
@@ -217,9 +226,20 @@ class DicomWebClient:
             if response.status_code != 200:
                 raise RequestRejected(f"server {self.base_url} refused the query (HTTP {response.status_code})",
                                       response.status_code)
-            page = response.json() if response.content else []
+            try:
+                page = response.json() if response.content else []
+            except ValueError:
+                page = None
+            if not isinstance(page, list):
+                # Typically a proxy or captive portal answering in its place: worth trying again later.
+                raise ServerUnavailable(f"server {self.base_url} answered the query with something that is not "
+                                        f"DICOM JSON ({response.headers.get('Content-Type') or 'no content type'})")
+            if not page or page == previous:
+                break
             results += page
-            if len(page) < QIDO_PAGE:
+            previous = page
+            truncated = "299" in response.headers.get("Warning", "")
+            if len(page) < QIDO_PAGE and not truncated:
                 break
         return results
 
@@ -250,4 +270,7 @@ class DicomWebClient:
         parts = split_multipart(response.content, response.headers.get("Content-Type", ""))
         if len(parts) != 1:
             raise RequestRejected(f"server {self.base_url} returned {len(parts)} parts for one instance")
-        return pydicom.dcmread(DicomBytesIO(parts[0]))
+        try:
+            return pydicom.dcmread(DicomBytesIO(parts[0]))
+        except (InvalidDicomError, EOFError, ValueError) as exc:
+            raise RequestRejected(f"server {self.base_url} returned an instance that is not valid DICOM ({exc})") from exc

@@ -143,7 +143,8 @@ def _batches(items: Sequence[OutboxItem], size: int, max_bytes: float) -> Iterat
 
 def _retry_delay(settings: ServerSettings, attempts: int) -> float:
     """Exponential backoff with full jitter before the next automatic retry of a case."""
-    ceiling = min(settings.outbox_backoff_max_s, settings.outbox_backoff_s * 2 ** max(0, attempts))
+    # The exponent is capped: 2 ** 1024 overflows a float, and a case can fail that often in a month.
+    ceiling = min(settings.outbox_backoff_max_s, settings.outbox_backoff_s * 2.0 ** min(max(0, attempts), 64))
     return random.uniform(0.5, 1.0) * ceiling
 
 
@@ -167,8 +168,9 @@ def _verify(outbox: Outbox, client: DicomWebClient, case: CaseInfo) -> tuple[int
     on_server = client.study_instance_uids(case.study_uid)
     # The study may hold more (e.g. a read added by the radiologist): what counts is that all of ours are there.
     outbox.mark_confirmed(case.case_id, [i.sop_instance_uid for i in items if i.sop_instance_uid in on_server])
+    # Sent or even confirmed before, but gone now (e.g. the server purged an incomplete study): send again.
     lost = {i.sop_instance_uid: "acknowledged by the server but not found there afterwards"
-            for i in items if i.state == ItemState.SENT and i.sop_instance_uid not in on_server}
+            for i in items if i.state != ItemState.PENDING and i.sop_instance_uid not in on_server}
     if lost:
         outbox.mark_failed(case.case_id, lost)
     missing = [i for i in items if i.sop_instance_uid not in on_server]
@@ -218,6 +220,13 @@ def deliver_pending(outbox: Outbox, client: DicomWebClient, case_ids: Iterable[s
     return report
 
 
+def _deliver_reporting_busy(outbox: Outbox, client: DicomWebClient, **kwargs) -> DeliveryReport:
+    try:
+        return deliver_pending(outbox, client, **kwargs)
+    except OutboxBusy as exc:
+        return DeliveryReport(stopped=str(exc))
+
+
 def retry_now(case_id: str, settings: ServerSettings, outbox: Outbox) -> CaseOutcome:
     """Try to deliver one queued case immediately (the UI's "retry now")."""
     case = outbox.case(case_id)
@@ -226,7 +235,8 @@ def retry_now(case_id: str, settings: ServerSettings, outbox: Outbox) -> CaseOut
     if case.destination != settings.url:
         raise AppError(f"case {case_id} is meant for {case.destination}, not {settings.url}")
     with DicomWebClient(settings) as client:
-        report = deliver_pending(outbox, client, case_ids=[case_id], force=True)
+        report = _deliver_reporting_busy(outbox, client, case_ids=[case_id], force=True)
+    # Busy: the case stays queued and the process delivering now (e.g. ``outbox watch``) sends it.
     return report.outcome(case_id) or CaseOutcome(case_id, False, case.n_confirmed, case.n_items, report.stopped)
 
 
@@ -237,13 +247,6 @@ def _print_outcomes(report: DeliveryReport) -> None:
             print(f"case {o.case_id}: delivered ({o.expected} instances confirmed by the server)")
         else:
             print(f"case {o.case_id}: queued ({o.confirmed}/{o.expected} confirmed): {o.error}", file=sys.stderr)
-
-
-def _deliver_reporting_busy(outbox: Outbox, client: DicomWebClient, **kwargs) -> DeliveryReport:
-    try:
-        return deliver_pending(outbox, client, **kwargs)
-    except OutboxBusy as exc:
-        return DeliveryReport(stopped=str(exc))
 
 
 def forward_cli(args) -> int:

@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 
 from app.deid import PseudonymStore
-from app.dicomweb import DicomWebClient
+from app.dicomweb import AuthenticationFailed, DicomWebClient, DicomWebError
 from app.outbox import CaseState, ItemKind, Outbox
 from app.reads import Agreement, LesionMark, MarkKind, ReadError, ReadReport, Urgency, parse_read_sr
 from app.settings import app_data_dir
@@ -73,6 +73,7 @@ class FetchReport:
     cases_checked: int = 0
     new_reads: list[InboxRead] = field(default_factory=list)
     unmatched: int = 0  # reads whose study the de-identification mapping does not know
+    unretrieved: int = 0  # reports the server listed but would not return (tried again next time)
 
 
 def _report_json(report: ReadReport) -> str:
@@ -163,7 +164,16 @@ def fetch_reads(client: DicomWebClient, outbox: Outbox, pseudonyms: PseudonymSto
             if not sop or sop in known or sop in own:
                 continue
             series = (item.get(SERIES_UID, {}).get("Value") or [""])[0]
-            ds = client.retrieve_instance(case.study_uid, series, sop)
+            try:
+                ds = client.retrieve_instance(case.study_uid, series, sop)
+            except DicomWebError as exc:
+                if exc.retryable or isinstance(exc, AuthenticationFailed):  # the server, not this report
+                    raise
+                # One report the server will not return must not hold back the reads of later cases.
+                log.warning("inbox: a report of case %s could not be retrieved (%s); trying again next time",
+                            case.case_id, exc)
+                report.unretrieved += 1
+                continue
             try:
                 read = parse_read_sr(ds)
             except ReadError:

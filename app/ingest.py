@@ -99,6 +99,7 @@ _HEAD_BYTES = 4096  # covers the preamble and file meta group
 _DEFER_BYTES = 64 * 1024  # larger header values are not loaded (bounded memory)
 _PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")  # (7FE0,0010) little, big endian
 _I16 = np.iinfo(np.int16)
+PADDING_HU = -1000  # pixels outside the scanned field (PixelPaddingValue) become air
 _UNEXPECTED = "could not be read (unexpected content); check that it is a valid CT image"
 DEFAULT_LIMITS = IngestLimits()
 
@@ -145,6 +146,7 @@ class _Header:
     slope: float
     intercept: float
     rescale_missing: bool
+    padding: tuple[int, int] | None  # stored values marking pixels outside the scanned field (inclusive range)
     patient_id: str
     patient_name: str
 
@@ -374,6 +376,8 @@ def _header_from(ds: Dataset, item: InputFile, limits: IngestLimits, pixel_offse
         intercept = float(intercept_text) if intercept_text else 0.0
         if slope == 0 or not math.isfinite(slope) or not math.isfinite(intercept):
             raise ValueError("rescale")
+        attr = "PixelPaddingValue"
+        padding = _padding_range(ds, bits, signed)
         attr = "StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID"
         study_uid, series_uid = _ascii(ds, "StudyInstanceUID"), _ascii(ds, "SeriesInstanceUID")
         sop_uid = _ascii(ds, "SOPInstanceUID")
@@ -411,9 +415,37 @@ def _header_from(ds: Dataset, item: InputFile, limits: IngestLimits, pixel_offse
         slope=slope,
         intercept=intercept,
         rescale_missing=not (slope_text and intercept_text),
+        padding=padding,
         patient_id=str(ds.get("PatientID", "") or ""),
         patient_name=str(ds.get("PatientName", "") or ""),
     )
+
+
+def _padding_range(ds: Dataset, bits_allocated: int, signed: bool) -> tuple[int, int] | None:
+    """(low, high) stored values of padding pixels (PixelPaddingValue [, PixelPaddingRangeLimit]), or None.
+
+    Both are stored values of the pixels' own representation, whatever VR a writer gave
+    them: -2000 written as SS in unsigned data means 63536.
+    """
+    def stored(keyword: str) -> int | None:
+        elem = ds.get_item(_TAGS[keyword])
+        if elem is None or elem.value in (None, b""):
+            return None
+        if isinstance(elem.value, bytes):  # raw "US or SS" (implicit VR): two bytes
+            if len(elem.value) != 2:
+                raise ValueError(keyword)
+            value = struct.unpack("<H" if elem.is_little_endian else ">H", elem.value)[0]
+        else:
+            value = int(_values(elem.value)[0])
+        value %= 1 << bits_allocated
+        return value - (1 << bits_allocated) if signed and value >= 1 << (bits_allocated - 1) else value
+
+    low = stored("PixelPaddingValue")
+    if low is None:
+        return None
+    high = stored("PixelPaddingRangeLimit")
+    high = low if high is None else high
+    return min(low, high), max(low, high)
 
 
 def _check_pixel_description(rows: int, cols: int, bits: int, frames: int, samples: int, photometric: str,
@@ -442,7 +474,8 @@ _TAGS = {keyword: tag_for_keyword(keyword) for keyword in (
     "SOPClassUID", "Modality", "Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation",
     "NumberOfFrames", "SamplesPerPixel", "PhotometricInterpretation", "ImageOrientationPatient",
     "ImagePositionPatient", "PixelSpacing", "RescaleSlope", "RescaleIntercept", "StudyInstanceUID",
-    "SeriesInstanceUID", "SOPInstanceUID", "SliceThickness", "SeriesNumber", "ImageType")}
+    "SeriesInstanceUID", "SOPInstanceUID", "SliceThickness", "SeriesNumber", "ImageType", "PixelPaddingValue",
+    "PixelPaddingRangeLimit")}
 
 
 def _ascii_values(ds: Dataset, keyword: str) -> list[str]:
@@ -903,12 +936,14 @@ def _decode_into(h: _Header, out: np.ndarray) -> None:
     """
     try:
         with open(h.file.path, "rb") as fp:
-            pixels = _read_pixels(fp, h, _decoder(h.transfer_syntax), out)
+            pixels, padding = _read_pixels(fp, h, _decoder(h.transfer_syntax), out)
     except OSError as exc:
         raise IngestError(f"cannot be read ({exc.strerror or 'I/O error'})") from None
     if pixels.shape != (h.rows, h.cols):
         raise IngestError(f"pixel data has shape {pixels.shape}, expected {h.rows} x {h.cols}")
     _to_hu(pixels, h.slope, h.intercept, out)
+    if padding is not None:
+        out[padding] = PADDING_HU
 
 
 def _decoder(transfer_syntax: str) -> Decoder:
@@ -924,8 +959,9 @@ def _decoder(transfer_syntax: str) -> Decoder:
     return decoder
 
 
-def _read_pixels(fp: BinaryIO, h: _Header, decoder: Decoder, out: np.ndarray) -> np.ndarray:
-    """The stored values of one slice; a view of ``out`` when they could be read into it."""
+def _read_pixels(fp: BinaryIO, h: _Header, decoder: Decoder, out: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The stored values of one slice (a view of ``out`` when they could be read into it) and
+    the mask of its padding pixels (None without PixelPaddingValue)."""
     syntax = decoder.UID
     description = {"rows": h.rows, "columns": h.cols, "samples_per_pixel": 1, "number_of_frames": 1,
                    "bits_allocated": h.bits_allocated, "bits_stored": h.bits_stored,
@@ -951,7 +987,14 @@ def _read_pixels(fp: BinaryIO, h: _Header, decoder: Decoder, out: np.ndarray) ->
         raise
     except Exception:  # decoders raise many types for damaged data
         raise IngestError(f"has truncated or damaged pixel data ({syntax.name})") from None
-    return pixels
+    return pixels, _padding_mask(pixels, h)
+
+
+def _padding_mask(stored: np.ndarray, h: _Header) -> np.ndarray | None:
+    if h.padding is None:
+        return None
+    low, high = h.padding
+    return (stored == low) if low == high else ((stored >= low) & (stored <= high))
 
 
 def _reads_in_place(syntax: UID, h: _Header, out: np.ndarray) -> bool:
@@ -961,20 +1004,22 @@ def _reads_in_place(syntax: UID, h: _Header, out: np.ndarray) -> bool:
             and sys.byteorder == "little" and out.dtype == np.int16 and out.flags.c_contiguous)
 
 
-def _read_stored_into(fp: BinaryIO, h: _Header, out: np.ndarray) -> np.ndarray:
-    """Read 16-bit stored values into ``out``'s memory, without a temporary array.
+def _read_stored_into(fp: BinaryIO, h: _Header, out: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read 16-bit stored values into ``out``'s memory, without a temporary array; and the padding mask.
 
     Bits above BitsStored are corrected as pydicom does: shifted out and back, which
-    clears them for unsigned values and sign-extends signed ones.
+    clears them for unsigned values and sign-extends signed ones. The padding mask is
+    taken before, since a padding value may lie outside the BitsStored range (-3024 in 12 bits).
     """
     stored = out.view(np.int16 if h.signed else np.uint16)
     if fp.readinto(memoryview(stored).cast("B")) != stored.nbytes:
         raise IngestError("has truncated pixel data")
+    padding = _padding_mask(stored, h)
     unused = h.bits_allocated - h.bits_stored
     if unused:
         np.left_shift(stored, unused, out=stored)
         np.right_shift(stored, unused, out=stored)
-    return stored
+    return stored, padding
 
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF

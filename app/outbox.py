@@ -134,7 +134,9 @@ class Outbox:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        (self.root / CASES_DIR).mkdir(parents=True, exist_ok=True)
+        # Owner-only: cases sent without de-identification carry patient identities.
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (self.root / CASES_DIR).mkdir(mode=0o700, exist_ok=True)
         self._lock = threading.RLock()
         try:
             self._db = open_wal_database(self.root / DB_FILE)
@@ -174,7 +176,7 @@ class Outbox:
         """Write the datasets into a new case folder, then register the case in one transaction."""
         case_id = uuid.uuid4().hex
         folder = self.case_dir(case_id)
-        folder.mkdir()
+        folder.mkdir(mode=0o700)
         rows, study_uids = [], set()
         try:
             for number, (kind, ds) in enumerate(datasets):
@@ -321,7 +323,10 @@ class Outbox:
             known = {r[0]: r[1] for r in self._db.execute("SELECT case_id, state FROM cases")}
         for folder in (self.root / CASES_DIR).iterdir():
             state = known.get(folder.name)
-            orphan = state is None and time.time() - folder.stat().st_mtime > ORPHAN_AGE_S
+            try:
+                orphan = state is None and time.time() - folder.stat().st_mtime > ORPHAN_AGE_S
+            except FileNotFoundError:  # another process or thread removed it meanwhile
+                continue
             if state == CaseState.DELIVERED or orphan:
                 shutil.rmtree(folder, ignore_errors=True)
 

@@ -249,7 +249,9 @@ def _content(ds: pydicom.Dataset):
 
 def _code(item: pydicom.Dataset, keyword: str) -> tuple[str, str]:
     code = item[keyword][0]
-    return str(code.CodeValue), str(code.CodingSchemeDesignator)
+    # Codes longer than 16 characters travel as LongCodeValue or URNCodeValue instead (PS3.3 8.8).
+    value = code.get("CodeValue") or code.get("LongCodeValue") or code.get("URNCodeValue") or ""
+    return str(value), str(code.get("CodingSchemeDesignator", ""))
 
 
 def _is(concept: tuple[str, str], code) -> bool:
@@ -271,7 +273,18 @@ def _mark(group: pydicom.Dataset) -> LesionMark | None:
 
 
 def parse_read_sr(sr: pydicom.Dataset) -> ReadReport:
-    """A read SR (as ``build_read_sr`` makes) back as a ``ReadReport``; ``ReadError`` if it is not one."""
+    """A read SR (as ``build_read_sr`` makes) back as a ``ReadReport``; ``ReadError`` if it is not one.
+
+    Any SR may sit in a forwarded study (another system's report, another AI's result), so
+    whatever its structure, the answer is a report or ``ReadError``, never another exception.
+    """
+    try:
+        return _read_report(sr)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ReadError(f"the SR does not have the structure of a read ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_report(sr: pydicom.Dataset) -> ReadReport:
     if sr.get("VerificationFlag") != "VERIFIED" or not sr.get("VerifyingObserverSequence"):
         raise ReadError("the SR is not a verified report")
     observer = sr.VerifyingObserverSequence[-1]

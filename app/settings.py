@@ -38,10 +38,10 @@ READER_SECTION, READER_ENV_PREFIX = "reader", "TELERAD_READER_"
 
 
 def app_data_dir(env: Mapping[str, str] | None = None) -> Path:
-    """The app's data directory (created on first use)."""
+    """The app's data directory (created on first use, readable by its owner only: it holds patient data)."""
     env = os.environ if env is None else env
     path = Path(env.get(APP_DATA_ENV) or DEFAULT_APP_DATA).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
 
 

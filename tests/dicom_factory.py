@@ -77,6 +77,8 @@ class CTSeriesSpec:
     transfer_syntax: str = ExplicitVRLittleEndian
     file_meta: bool = True
     garbage_high_bits: bool = False  # set the unused bits above BitsStored, as some scanners do
+    pixel_padding: int | None = None  # PixelPaddingValue, stored in the last row of every slice (outside the FOV)
+    pixel_padding_vr: str | None = None  # default: SS for signed pixels, US for unsigned ones
     shuffle: bool = True  # instance numbers and file names do not follow the positions
 
     @property
@@ -142,7 +144,10 @@ def expected_hu(spec: CTSeriesSpec) -> np.ndarray:
     hu[:, 0, 0] = low * spec.slope + spec.intercept
     hu[:, 0, 1] = high * spec.slope + spec.intercept
     stored = np.clip(np.rint((hu - spec.intercept) / spec.slope), low, high)
-    return np.clip(np.rint(stored * spec.slope + spec.intercept), -32768, 32767).astype(np.int16)
+    hu = np.clip(np.rint(stored * spec.slope + spec.intercept), -32768, 32767).astype(np.int16)
+    if spec.pixel_padding is not None:
+        hu[:, -1, :] = -1000  # padding reads as air
+    return hu
 
 
 def stored_values(hu: np.ndarray, spec: CTSeriesSpec) -> np.ndarray:
@@ -154,6 +159,8 @@ def stored_values(hu: np.ndarray, spec: CTSeriesSpec) -> np.ndarray:
     if spec.garbage_high_bits and spec.bits_stored < 16:
         garbage = np.uint16((0xFFFF << spec.bits_stored) & 0xFFFF)
         out.view(np.uint16)[...] |= garbage
+    if spec.pixel_padding is not None:  # the raw 16 bits, even outside the BitsStored range
+        out.view(np.uint16)[-1, :] = spec.pixel_padding % 65536
     return out
 
 
@@ -192,6 +199,10 @@ def ct_dataset(spec: CTSeriesSpec, i: int, stored: np.ndarray, instance_number: 
     ds.RescaleSlope = spec.slope
     ds.RescaleIntercept = spec.intercept
     ds.RescaleType = "HU"
+    if spec.pixel_padding is not None:
+        vr = spec.pixel_padding_vr or ("SS" if spec.pixel_representation else "US")
+        value = spec.pixel_padding % 65536
+        ds.add_new(0x00280120, vr, value - 65536 if vr == "SS" and value >= 32768 else value)
     ds.PixelData = stored.tobytes()
     return ds
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicom_factory import AXIAL, SAGITTAL, CTSeriesSpec, read_back_hu, with_changes, write_series
+from dicom_factory import AXIAL, SAGITTAL, CTSeriesSpec, read_back_hu, with_changes, write_series, write_zip
 from pydicom.uid import (
     JPEG2000,
     ExplicitVRBigEndian,
@@ -110,6 +110,39 @@ def test_zip_archive_is_extracted_into_the_workdir(tmp_path):
     assert all(f.resolve().is_relative_to(work) and f.is_file() for f in series.files)
 
 
+def test_windows_and_macos_zips_load_without_spurious_errors(tmp_path):
+    """A folder entry ending in a backslash (Windows tools) is a folder, not an empty file that
+    blocks every member below it; macOS resource forks and Finder files are passed over quietly."""
+    written = write_series(tmp_path / "in", CTSeriesSpec())
+    members = {"DICOM\\": b""}
+    for path in written.paths:
+        members[f"DICOM\\{path.name}"] = path.read_bytes()
+        members[f"__MACOSX/DICOM/._{path.name}"] = b"\x00\x05\x16\x07" + bytes(80)
+    members["DICOM\\.DS_Store"] = bytes(64)
+    result = run(tmp_path, write_zip(tmp_path / "study.zip", members))
+    np.testing.assert_array_equal(only_series(result).hu, written.sorted_hu)
+
+
+def test_zip_member_below_a_file_of_the_same_name_is_reported_as_such(tmp_path):
+    written = write_series(tmp_path / "in", CTSeriesSpec())
+    members = {"DICOM": b"not a folder"} | {f"DICOM/{p.name}": p.read_bytes() for p in written.paths}
+    result = run(tmp_path, write_zip(tmp_path / "study.zip", members))
+    clashes = [e.error for e in result.errors if "DICOM/" in e.path]
+    assert len(clashes) == len(written.paths)
+    assert all(e == "archive member's folder has the name of another member (a file); not extracted" for e in clashes)
+
+
+def test_mac_clutter_in_a_folder_is_passed_over(tmp_path):
+    written = write_series(tmp_path / "in", CTSeriesSpec())
+    for path in written.paths:
+        (path.parent / f"._{path.name}").write_bytes(b"\x00\x05\x16\x07" + bytes(80))
+    (tmp_path / "in" / ".DS_Store").write_bytes(bytes(64))
+    (tmp_path / "in" / "__MACOSX").mkdir()
+    (tmp_path / "in" / "__MACOSX" / "junk").write_bytes(bytes(64))
+    result = run(tmp_path, tmp_path / "in")
+    np.testing.assert_array_equal(only_series(result).hu, written.sorted_hu)
+
+
 def test_progress_reports_every_file_and_ends_complete(tmp_path):
     write_series(tmp_path / "in", CTSeriesSpec())
     calls = []
@@ -135,6 +168,20 @@ def test_hu_is_clipped_to_int16(tmp_path):
     assert np.all(series.hu[:, 0, 0] == -32768)
     assert np.all(series.hu[:, 0, 1] == 32767 - 1024)
     assert_matches(series, written)
+
+
+@pytest.mark.parametrize("spec", [
+    CTSeriesSpec(pixel_representation=0, pixel_padding=63536),  # -2000 as unsigned: +62512 HU unmasked
+    CTSeriesSpec(pixel_representation=0, pixel_padding=63536, pixel_padding_vr="SS"),  # written as SS -2000
+    CTSeriesSpec(bits_stored=12, pixel_padding=-3024),  # outside the 12-bit range: masked before the bit fix
+    CTSeriesSpec(pixel_padding=-2000, transfer_syntax=RLELossless),  # decoded by a plugin
+    CTSeriesSpec(pixel_representation=0, pixel_padding=63536, file_meta=False),  # implicit VR: raw "US or SS"
+], ids=["unsigned", "vr-mismatch", "signed-12-bit", "rle", "implicit-vr"])
+def test_padding_pixels_become_air(tmp_path, spec):
+    written = write_series(tmp_path / "in", spec)
+    series = only_series(run(tmp_path, tmp_path / "in"))
+    assert np.all(series.hu[:, -1, :] == -1000)
+    np.testing.assert_array_equal(series.hu, written.sorted_hu)
 
 
 @pytest.mark.parametrize("pixel_representation", [0, 1], ids=["unsigned", "signed"])

@@ -3,20 +3,48 @@
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
 import pydicom
 import pytest
 
-from app.dicomweb import DicomWebClient, parse_stow_response
+import app.dicomweb
+from app.dicomweb import (
+    SOP_INSTANCE_UID_TAG,
+    DicomWebClient,
+    ServerUnavailable,
+    StowOutcome,
+    parse_stow_response,
+)
 from app.domain import AppError
-from app.forward import _batches, deliver_pending, enqueue_case, open_outbox, open_pseudonyms
-from app.outbox import CASES_DIR, CaseState, ItemKind, ItemState, Outbox, OutboxBusy, OutboxError, OutboxItem
+from app.forward import (
+    _batches,
+    _retry_delay,
+    deliver_pending,
+    enqueue_case,
+    open_outbox,
+    open_pseudonyms,
+    retry_now,
+)
+from app.outbox import (
+    CASES_DIR,
+    DB_FILE,
+    CaseState,
+    ItemKind,
+    ItemState,
+    Outbox,
+    OutboxBusy,
+    OutboxError,
+    OutboxItem,
+)
 from app.settings import ServerSettings, resolve_settings, save_server_settings, split_credentials
 from tests.forward_helpers import make_study_result, write_ct_series
 from tests.orthanc_helpers import free_port
@@ -125,6 +153,62 @@ def test_batches_respect_count_and_size():
     assert [len(b) for b in _batches(items, 10, 40)] == [3, 1, 2]  # a big item gets its own batch
 
 
+def test_outbox_files_are_readable_by_their_owner_only(tmp_path, datasets):
+    with Outbox(tmp_path / "outbox") as outbox:  # cases sent without de-identification carry identities
+        case_id = outbox.add_case("https://x/dicom-web", False, datasets)
+        for path in (tmp_path / "outbox", tmp_path / "outbox" / DB_FILE, outbox.case_dir(case_id)):
+            assert path.stat().st_mode & 0o077 == 0, path.name
+
+
+class FakeServer:
+    """A DICOMweb server in memory that may lose what it acknowledged."""
+
+    def __init__(self, url: str, drops: frozenset[str] = frozenset()):
+        self.settings = ServerSettings(url=url, retry_attempts=3)
+        self.base_url = url
+        self.held: set[str] = set()
+        self.drops = drops  # acknowledged, never kept
+        self.received: list[str] = []
+
+    def store(self, instances):
+        uids = [uid for uid, _ in instances]
+        self.received += uids
+        self.held |= set(uids) - self.drops
+        return StowOutcome(200, frozenset(uids))
+
+    def study_instance_uids(self, study_instance_uid: str) -> set[str]:
+        return set(self.held)
+
+
+def test_instances_confirmed_once_and_gone_later_are_sent_again(tmp_path, datasets):
+    url = "https://x/dicom-web"
+    uids = [ds.SOPInstanceUID for _, ds in datasets]
+    with Outbox(tmp_path) as outbox:
+        case_id = outbox.add_case(url, True, datasets)
+        server = FakeServer(url, drops=frozenset(uids[:1]))
+        assert not deliver_pending(outbox, server).outcome(case_id).delivered
+        assert outbox.case(case_id).n_confirmed == len(uids) - 1
+        server.held.clear()  # the server purged the incomplete study
+        server.drops, server.received = frozenset(), []
+        assert deliver_pending(outbox, server, force=True).outcome(case_id).delivered
+        assert sorted(server.received) == sorted(uids)
+
+
+def test_retry_delay_stays_finite_however_often_a_case_failed():
+    settings = ServerSettings(url="https://x/dicom-web")
+    assert 0 < _retry_delay(settings, 5000) <= settings.outbox_backoff_max_s
+
+
+def test_forwarding_while_another_process_delivers_leaves_the_case_queued(tmp_path, datasets):
+    settings = ServerSettings(url=f"http://127.0.0.1:{free_port()}/dicom-web")
+    with Outbox(tmp_path) as watcher, Outbox(tmp_path) as app_outbox:
+        case_id = app_outbox.add_case(settings.url, True, datasets)
+        with watcher.delivery_lock():  # e.g. "outbox watch" is delivering
+            outcome = retry_now(case_id, settings, app_outbox)
+        assert not outcome.delivered and "another process is delivering" in outcome.error
+        assert app_outbox.case(case_id).state == CaseState.QUEUED
+
+
 # --- delivery without a server: queued, with a reason and without the secret ---------------------
 def test_unreachable_server_keeps_the_case_queued_without_leaking_credentials(tmp_path, series, caplog):
     settings = unreachable()
@@ -194,21 +278,22 @@ def test_server_settings_at_the_top_level_of_the_file_are_reported(tmp_path):
         resolve_settings(env={}, data_dir=tmp_path)
 
 
-@pytest.mark.parametrize(("credentials", "expected"), [
-    ({"token": "tok-123", "user": "clinic", "password": SECRET}, "Bearer tok-123"),  # a token wins
-    ({"user": "clinic", "password": SECRET}, "Basic " + base64.b64encode(f"clinic:{SECRET}".encode()).decode()),
-])
-def test_client_authenticates_with_bearer_token_or_basic(credentials, expected):
-    seen: list[str | None] = []
-
+@contextmanager
+def answering_server(answer):
+    """A loopback DICOMweb stand-in: ``answer(method, path, query, headers)`` -> (status, headers, body bytes)."""
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            seen.append(self.headers.get("Authorization"))
-            self.send_response(200)
-            self.send_header("Content-Type", "application/dicom+json")
-            self.send_header("Content-Length", "2")
+        def _reply(self) -> None:
+            url = urlsplit(self.path)
+            if self.command == "POST":
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            status, headers, body = answer(self.command, url.path, parse_qs(url.query), self.headers)
+            self.send_response(status)
+            for name, value in (headers | {"Content-Length": str(len(body))}).items():
+                self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(b"[]")
+            self.wfile.write(body)
+
+        do_GET = do_POST = _reply
 
         def log_message(self, *args) -> None:
             pass
@@ -216,13 +301,63 @@ def test_client_authenticates_with_bearer_token_or_basic(credentials, expected):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
-        with DicomWebClient(ServerSettings(url=url, **credentials)) as client:
-            assert client.study_instance_uids("1.2.3") == set()
+        yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
     finally:
         server.shutdown()
         server.server_close()
+
+
+DICOM_JSON = {"Content-Type": "application/dicom+json"}
+
+
+@pytest.mark.parametrize(("credentials", "expected"), [
+    ({"token": "tok-123", "user": "clinic", "password": SECRET}, "Bearer tok-123"),  # a token wins
+    ({"user": "clinic", "password": SECRET}, "Basic " + base64.b64encode(f"clinic:{SECRET}".encode()).decode()),
+])
+def test_client_authenticates_with_bearer_token_or_basic(credentials, expected):
+    seen: list[str | None] = []
+
+    def answer(method, path, query, headers):
+        seen.append(headers.get("Authorization"))
+        return 200, DICOM_JSON, b"[]"
+
+    with answering_server(answer) as url, DicomWebClient(ServerSettings(url=url, **credentials)) as client:
+        assert client.study_instance_uids("1.2.3") == set()
     assert seen == [expected]
+
+
+def _instances(*uids: str) -> bytes:
+    return json.dumps([{SOP_INSTANCE_UID_TAG: {"vr": "UI", "Value": [u]}} for u in uids]).encode()
+
+
+def test_query_pages_while_the_server_says_it_cut_the_results_short(monkeypatch):
+    monkeypatch.setattr(app.dicomweb, "QIDO_PAGE", 3)
+    held = [str(i) for i in range(5)]
+
+    def capped(method, path, query, headers):  # answers at most 2 per page, and says so (PS3.18 Warning 299)
+        offset = int(query["offset"][0])
+        page = held[offset:offset + 2]
+        more = {"Warning": '299 server: "The number of results exceeded the maximum"'} if offset + 2 < len(held) else {}
+        return 200, DICOM_JSON | more, _instances(*page)
+
+    def ignores_offset(method, path, query, headers):  # always the same full page
+        return 200, DICOM_JSON, _instances(*held[:3])
+
+    with answering_server(capped) as url, DicomWebClient(ServerSettings(url=url)) as client:
+        assert client.study_instance_uids("1.2.3") == set(held)
+    with answering_server(ignores_offset) as url, DicomWebClient(ServerSettings(url=url)) as client:
+        assert client.study_instance_uids("1.2.3") == set(held[:3])  # ends instead of looping
+
+
+def test_a_portal_page_instead_of_dicom_json_is_a_retryable_error_not_a_crash():
+    def portal(method, path, query, headers):
+        return 200, {"Content-Type": "text/html"}, b"<html><body>Please log in to the hotel Wi-Fi</body></html>"
+
+    with answering_server(portal) as url, DicomWebClient(ServerSettings(url=url, retry_attempts=1)) as client:
+        with pytest.raises(ServerUnavailable, match="not DICOM JSON.*text/html"):
+            client.study_instance_uids("1.2.3")
+        # A STOW answer that is not a JSON object counts as a bare 200: only the query check confirms.
+        assert client.store([("1", b"")]).stored == {"1"}
 
 
 # --- STOW-RS answers --------------------------------------------------------------------------

@@ -154,3 +154,27 @@ def test_the_two_kinds_of_sr_are_told_apart(positive):
         parse_ai_sr(read_sr)
     with pytest.raises(ReadError, match="not a verified report"):
         parse_read_sr(sr)
+
+
+def _content_items(ds: pydicom.Dataset):
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _content_items(item)
+
+
+def test_any_other_report_structure_is_a_read_error_never_a_crash(positive):
+    """Other systems' reports sit in forwarded studies too: the inbox must be able to pass them over."""
+    sr, slices, _ = positive
+    read_sr = build_read_sr(sr, parse_ai_sr(sr), _read(), slices)
+    long_codes = copy.deepcopy(read_sr)  # the same codes sent as LongCodeValue, as a system may do
+    for item in _content_items(long_codes):
+        for code in item.get("ConceptNameCodeSequence", []):
+            code.LongCodeValue = code.CodeValue
+            del code.CodeValue
+    assert parse_read_sr(long_codes) == parse_read_sr(read_sr)
+    broken = copy.deepcopy(read_sr)
+    for item in _content_items(broken):
+        if item.ValueType == "COMPOSITE":
+            del item.ReferencedSOPSequence
+    with pytest.raises(ReadError, match="structure of a read"):
+        parse_read_sr(broken)

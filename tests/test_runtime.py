@@ -104,6 +104,12 @@ def test_negative_study_has_no_findings_but_keeps_key_slice_heatmaps():
     assert sorted(r.heatmaps) == [0, 1, 3]
 
 
+def test_negative_study_has_no_findings_even_when_one_slice_crosses_the_threshold():
+    _, r = _result_for([0.1, 0.9, 0.2, 0.1], threshold=0.8, k=2)  # top-2 mean 0.55: negative
+    assert not r.positive and r.findings == []
+    assert 1 in r.heatmaps and r.key_slices(1) == [1]  # the hottest slice is still shown as a key image
+
+
 def test_slices_between_analysed_ones_get_interpolated_probabilities_but_no_heatmap():
     n = 7
     series = synthetic_series(np.zeros((n, 128, 128), np.int16), slice_spacing_mm=1.0)

@@ -6,12 +6,18 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
+import pydicom
 import pytest
+from forward_helpers import write_ct_series
 
+import app.inbox
 from app.ai_result import AIResult
 from app.audit import Action, AuditError, AuditLog
+from app.deid import PseudonymStore
+from app.dicomweb import RequestRejected, ServerUnavailable
 from app.domain import ModelRef
-from app.inbox import Inbox, InboxRead
+from app.inbox import Inbox, InboxRead, fetch_reads
+from app.outbox import ItemKind, Outbox
 from app.reads import Agreement, LesionMark, MarkKind, ReadReport, Urgency
 from app.settings import resolve_reader_settings
 from app.worklist import (
@@ -130,6 +136,44 @@ def test_inbox_lists_urgent_first_then_new_then_newest(tmp_path):
         assert reads[1].seen_by == "nurse"
         assert reads[0].report == _read("s2", True, 50)  # stored and read back whole
         assert inbox.known() == {"s1.99", "s2.99", "s3.99", "s4.99"}
+
+
+class ReportsServer:
+    """Each delivered study holds one SR; ``failures`` maps a study to the error retrieving it raises."""
+
+    base_url = "https://x/dicom-web"
+
+    def __init__(self, failures: dict[str, Exception]):
+        self.failures = failures
+
+    def search_instances(self, study_instance_uid: str, **filters: str) -> list[dict]:
+        return [{"00080018": {"Value": [f"{study_instance_uid}.99"]}, "0020000E": {"Value": ["1.9"]}}]
+
+    def retrieve_instance(self, study: str, series: str, sop: str) -> pydicom.Dataset:
+        if study in self.failures:
+            raise self.failures[study]
+        ds = pydicom.Dataset()
+        ds.StudyInstanceUID, ds.PatientID = study, "PID-1"
+        return ds
+
+
+def test_one_report_the_server_will_not_return_does_not_hold_back_the_others(tmp_path, monkeypatch):
+    monkeypatch.setattr(app.inbox, "parse_read_sr", lambda ds: _read(ds.StudyInstanceUID))
+    with Outbox(tmp_path / "outbox") as outbox, PseudonymStore(tmp_path / "p.sqlite") as pseudonyms, \
+            Inbox(tmp_path / "inbox.sqlite") as inbox:
+        studies = []
+        for seed in (1, 2):
+            series = write_ct_series(tmp_path / f"ct{seed}", n_slices=2, seed=seed)
+            case_id = outbox.add_case(ReportsServer.base_url, False,
+                                      [(ItemKind.IMAGE, pydicom.dcmread(f)) for f in series.files])
+            outbox.mark_delivered(case_id)
+            studies.append(series.study_instance_uid)
+        broken, fine = studies
+        report = fetch_reads(ReportsServer({broken: RequestRejected("HTTP 404")}), outbox, pseudonyms, inbox)
+        assert report.unretrieved == 1 and [r.original_study_uid for r in report.new_reads] == [fine]
+        assert f"{broken}.99" not in inbox.known()  # asked for again next time
+        with pytest.raises(ServerUnavailable):  # the server itself failing still stops the check
+            fetch_reads(ReportsServer({broken: ServerUnavailable("down")}), outbox, pseudonyms, inbox)
 
 
 # --- the reader's connection --------------------------------------------------------------------------

@@ -241,7 +241,10 @@ def _forward_progress(task: ForwardTask) -> None:
 
 
 def _forward_outcome(task: ForwardTask) -> None:
-    if task.error:
+    if task.error and task.case_id:
+        st.error(f"{task.error}. The case is kept in the outbox as case {task.case_id}: retry it from the Outbox "
+                 "page rather than forwarding it again.")
+    elif task.error:
         st.error(task.error)
     elif task.outcome.delivered:
         st.success(f"Delivered (case {task.case_id}): the server confirmed all {task.outcome.expected} objects.")

@@ -84,6 +84,9 @@ def _page() -> None:
         if report.unmatched:
             st.warning(f"{report.unmatched} read(s) belong to studies the de-identification mapping does not "
                        "know; they are not shown.")
+        if report.unretrieved:
+            st.warning(f"{report.unretrieved} report(s) listed by the server could not be downloaded; "
+                       "they are tried again at the next check.")
     _timer()
     with open_inbox() as inbox:
         reads = inbox.reads()
