@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 
 from app.domain import AppError
 
@@ -28,7 +29,7 @@ output (--json):
   bbox_px [row0, col0, row1, col1] (inclusive, original pixels of the peak slice)}],
   warnings [text], timing_s {read, preprocess, inference, post, total} (stages overlap).
   A finding is a run of consecutive slices at or above the threshold, located by the
-  model's class-activation heatmap. The model file is checked against its card's sha256.
+  model's class-activation heatmap; a negative study has none. The model file is checked against its card's sha256.
   A progress bar is shown on stderr when it is a terminal.
 
 exit codes:
@@ -131,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception:  # a defect, not the user's doing: one line, the traceback only when asked for
+        if args.verbose:
+            traceback.print_exc()
+        print("error: unexpected internal error; run again with -v for the details and report it", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

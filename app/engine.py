@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
+import re
 import sys
 import tempfile
 import threading
@@ -325,29 +327,31 @@ def _series_location(series: Series) -> str:
     return folders.pop() if len(folders) == 1 else str(Path(series.files[0]).parent)
 
 
-def analyze_paths(
+def iter_study_analyses(
     paths: Sequence[str | Path],
     analyzer: Analyzer,
     workdir: Path,
+    errors: list[InputError],
     progress: StageProgress | None = None,
     limits: IngestLimits | None = None,
     cancel: threading.Event | None = None,
-) -> tuple[list[tuple[Series, StudyResult]], list[InputError]]:
-    """Ingest DICOM folders/zips/files and analyse the chosen series of every study.
+) -> Iterator[tuple[Series, StudyResult]]:
+    """Ingest DICOM folders/zips/files and analyse the chosen series of every study, one study at a time.
 
-    Returns (series, result) pairs and the input errors (files that could not be
-    used, and series the model could not analyse). ``workdir`` is a temp dir the
-    caller owns. ``progress(stage, done, total)`` reports file headers read, then
-    slices analysed over all studies. Each study's pixels are decoded while it is
-    analysed (``Analyzer.analyze_pending``). The ``read`` time of each result is its
-    share (by slice count) of the header pass plus the time spent decoding its pixels.
+    Yields each study's (series, result) as soon as it is analysed; the ingest plan lets go
+    of a study's pixels once it is yielded, so a consumer that keeps only the results holds
+    one study's pixels at a time. Input errors (files that could not be used, series the
+    model could not analyse) are appended to ``errors`` by the end. ``workdir`` is a temp
+    dir the caller owns. ``progress(stage, done, total)`` reports file headers read, then
+    slices analysed over all studies. Each study's pixels are decoded while it is analysed
+    (``Analyzer.analyze_pending``). The ``read`` time of each result is its share (by slice
+    count) of the header pass plus the time spent decoding its pixels.
     """
     read_progress = (lambda done, total: progress("read", done, total)) if progress else None
     started = time.perf_counter()
     plan = plan_ingest(paths, workdir, limits or IngestLimits(), progress=read_progress)
     header_s = time.perf_counter() - started
     failures: list[InputError] = []
-    pairs: list[tuple[Series, StudyResult]] = []
     total = sum(pending.n_slices for pending in plan.studies)
     offset = 0
     for pending in plan.studies:
@@ -361,17 +365,33 @@ def analyze_paths(
             raise
         except AnalysisError as exc:
             failures.append(InputError(path=_series_location(pending.series), error=str(exc)))
-        else:
-            if outcome is not None:
-                series, result = outcome
-                share = header_s * series.n_slices / max(total, 1)
-                result.timing_s["read"] += share
-                result.timing_s["total"] += share
-                pairs.append(outcome)
+            outcome = None
+        finally:
+            pending.release()
         offset += pending.n_slices
+        if outcome is not None:
+            series, result = outcome
+            share = header_s * series.n_slices / max(total, 1)
+            result.timing_s["read"] += share
+            result.timing_s["total"] += share
+            yield outcome
     for skipped in plan.result.skipped:
         log.info("not analysed: %s: %s", skipped.path, skipped.error)
-    return pairs, list(plan.result.errors) + failures
+    errors.extend(list(plan.result.errors) + failures)
+
+
+def analyze_paths(
+    paths: Sequence[str | Path],
+    analyzer: Analyzer,
+    workdir: Path,
+    progress: StageProgress | None = None,
+    limits: IngestLimits | None = None,
+    cancel: threading.Event | None = None,
+) -> tuple[list[tuple[Series, StudyResult]], list[InputError]]:
+    """All of ``iter_study_analyses`` at once: the (series, result) pairs and the input errors."""
+    errors: list[InputError] = []
+    pairs = list(iter_study_analyses(paths, analyzer, workdir, errors, progress, limits, cancel))
+    return pairs, errors
 
 
 def _analyze_study(analyzer: Analyzer, pending: PendingSeries, progress: SliceProgress,
@@ -423,25 +443,55 @@ class _ProgressBars:
             bar.close()
 
 
-def results_json(pairs: list[tuple[Series, StudyResult]], errors: list[InputError]) -> dict:
+def results_json(results: Iterable[StudyResult], errors: list[InputError]) -> dict:
     """The ``analyze`` output document: {"studies": [...], "errors": [{"path", "error"}]}."""
-    return {"studies": [result.to_json() for _, result in pairs],
+    return {"studies": [result.to_json() for result in results],
             "errors": [{"path": str(e.path), "error": e.error} for e in errors]}
 
 
-def write_json(document: dict, destination: str) -> None:
-    text = json.dumps(document, indent=2) + "\n"
+def checked_destination(destination: str) -> Path | None:
+    """The file ``--json`` names (None for '-', stdout), checked before any work is done."""
     if destination == "-":
-        sys.stdout.write(text)
-        return
+        return None
     path = Path(destination)
+    if not path.name or path.name in (".", "..") or path.is_dir():
+        raise AppError(f"--json needs a file name, not the folder {destination!r}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(text)
-        partial.replace(path)
+    except OSError as exc:
+        raise AppError(f"cannot create the folder for {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+def write_json(document: dict, destination: str) -> None:
+    """Write the document to ``destination`` ('-': stdout) whole or not at all (no partial file stays)."""
+    text = json.dumps(document, indent=2, allow_nan=False) + "\n"
+    if destination == "-":
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:  # the reader went away (e.g. "| head"): nothing left to tell it
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise AppError("the result could not be written: the reader of standard output closed it") from None
+        return
+    path = checked_destination(destination)
+    partial = None
+    try:
+        fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(partial, path)
     except OSError as exc:
         raise AppError(f"cannot write the result to {path}: {exc.strerror or exc}") from exc
+    finally:
+        if partial is not None and os.path.exists(partial):
+            os.unlink(partial)
+
+
+def key_image_folder(heatmap_dir: Path, series_instance_uid: str) -> Path:
+    """``heatmap_dir/<SeriesInstanceUID>``, whatever characters a hostile header puts in the UID."""
+    name = re.sub(r"[^0-9A-Za-z._-]", "_", series_instance_uid).lstrip(".") or "series"
+    return heatmap_dir / name
 
 
 def write_key_images(series: Series, result: StudyResult, out_dir: Path) -> list[Path]:
@@ -470,25 +520,42 @@ def _no_study_reason(errors: list[InputError], destination: str) -> str:
 def analyze_cli(args) -> int:
     """``python -m app.cli analyze``: exit 0 when at least one study was analysed.
 
-    Raises AppError (exit 2, one line on stderr) for a bad model or when nothing could be analysed.
+    Raises AppError (exit 2, one line on stderr) for a bad destination or model, or when
+    nothing could be analysed. Key images are written study by study, so only one study's
+    pixels are held at a time; one that cannot be written becomes an ``errors`` entry.
     """
-    analyzer = Analyzer(args.model, getattr(args, "variant", None), args.threads)
+    destination = checked_destination(args.json)
+    heatmap_dir = Path(args.heatmaps) if getattr(args, "heatmaps", None) else None
+    if heatmap_dir is not None:
+        try:
+            heatmap_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AppError(f"cannot create the key image folder {heatmap_dir}: {exc.strerror or exc}") from exc
+    try:
+        analyzer = Analyzer(args.model, getattr(args, "variant", None), args.threads)
+    except AppError as exc:
+        if destination is not None:  # OUT must not keep an earlier run's result after this run failed
+            write_json(results_json([], [InputError(str(args.model or "default model"), str(exc))]), args.json)
+        raise
     bars = _ProgressBars()
+    results: list[StudyResult] = []
+    errors: list[InputError] = []
     try:
         with tempfile.TemporaryDirectory(prefix="myeloma-ct-") as workdir:
-            pairs, errors = analyze_paths(args.inputs, analyzer, Path(workdir), progress=bars)
+            for series, result in iter_study_analyses(args.inputs, analyzer, Path(workdir), errors, progress=bars):
+                results.append(result)
+                if heatmap_dir is None:
+                    continue
+                folder = key_image_folder(heatmap_dir, result.series_instance_uid)
+                try:
+                    write_key_images(series, result, folder)
+                except OSError as exc:
+                    errors.append(InputError(str(folder), f"key images could not be written: {exc.strerror or exc}"))
     finally:
         bars.close()
-    write_json(results_json(pairs, errors), args.json)
-    heatmap_dir = getattr(args, "heatmaps", None)
-    if heatmap_dir:
-        for series, result in pairs:
-            try:
-                write_key_images(series, result, Path(heatmap_dir) / result.series_instance_uid)
-            except OSError as exc:
-                raise AppError(f"cannot write key images to {heatmap_dir}: {exc.strerror or exc}") from exc
-    if not pairs:
+    write_json(results_json(results, errors), args.json)
+    if not results:
         raise NoStudyAnalysed(_no_study_reason(errors, args.json))
-    for _, result in pairs:
+    for result in results:
         log.info("%s: probability %.3f (threshold %.2f)", result.triage_label, result.probability, result.threshold)
     return 0

@@ -260,7 +260,7 @@ def forward_cli(args) -> int:
             open_pseudonyms() as pseudonyms:
         pairs, errors = analyze_paths([args.input], analyzer, Path(workdir))
         if args.json:
-            write_json(results_json(pairs, errors), args.json)
+            write_json(results_json([r for _, r in pairs], errors), args.json)
         if not pairs:
             reason = f"{errors[0]}" if errors else "no analysable CT series found"
             raise AppError(f"nothing to forward: {reason}")

@@ -646,6 +646,11 @@ class PendingSeries:
             decoding.decode(stop)
             yield decoding.hu[start:stop]
 
+    def release(self) -> None:
+        """Let go of the decoded pixels (the caller keeps the Series it was handed, if it wants them)."""
+        self._decoding = None
+        self.series = None
+
     def load(self) -> Series | None:
         """Decode what is left and return the series to analyse; None when nothing in the study can be."""
         study = self._study

@@ -17,6 +17,7 @@ from model_zoo.litert import LiteRTError, TFLiteModel
 log = logging.getLogger(__name__)
 
 MAX_DEFAULT_THREADS = 4  # XNNPACK gains little beyond 4 threads for one slice batch
+MAX_THREADS = 64  # more is a typo, not a machine: each thread is an OS thread
 
 
 class ModelLoadError(AppError):
@@ -44,8 +45,8 @@ def load_model(model: str | None = None, variant: str | None = None, threads: in
     The file must be listed in the card with a sha256 and match it: an unverifiable
     model is refused rather than run.
     """
-    if threads is not None and threads < 1:
-        raise ModelLoadError(f"--threads must be at least 1, got {threads}")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise ModelLoadError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
     threads = threads or default_threads()
     try:
         card = resolve_model(model)

@@ -47,6 +47,14 @@ class Aggregation:
     method: str = "top_k_mean"
     k: int = 2
 
+    METHODS = ("max", "top_k_mean")
+
+    def __post_init__(self) -> None:
+        if self.method not in self.METHODS:
+            raise ValueError(f"aggregation method must be one of {', '.join(self.METHODS)}, not {self.method!r}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"aggregation k must be a whole number >= 1, not {self.k!r}")
+
 
 @dataclass
 class ModelCard:
@@ -66,6 +74,14 @@ class ModelCard:
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     folder: Path | None = field(default=None, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # Every decision the app makes depends on the threshold: a card must not smuggle in NaN or 7.
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int | float) \
+                or not 0.0 <= float(self.threshold) <= 1.0:
+            raise ValueError(f"threshold must be a number in [0, 1], not {self.threshold!r}")
+        if not isinstance(self.files, dict) or not isinstance(self.variants, dict):
+            raise ValueError("'files' and 'variants' must be objects")
+
     # --- serialisation -------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -78,7 +94,10 @@ class ModelCard:
         d = dict(d)
         d["contract"] = InputContract.from_dict(d["contract"])
         d["aggregation"] = Aggregation(**d.get("aggregation", {}))
-        d["variants"] = {k: Variant(**v) for k, v in d.get("variants", {}).items()}
+        variants = d.get("variants", {})
+        if not isinstance(variants, dict):
+            raise ValueError("'variants' must be an object")
+        d["variants"] = {k: Variant(**v) for k, v in variants.items()}
         return cls(**d, folder=folder)
 
     def save(self, folder: Path | None = None) -> Path:
@@ -141,9 +160,11 @@ def load_card(folder: Path) -> ModelCard:
         raise ModelError(f"no model card at {path}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"model card {path} is not valid JSON") from exc
+    except OSError as exc:
+        raise ModelError(f"model card {path} cannot be read ({exc.strerror or exc})") from exc
     try:
         return ModelCard.from_dict(data, folder=Path(folder))
-    except (KeyError, TypeError, ValueError) as exc:
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"model card {path} is incomplete or malformed: {exc}") from exc
 
 

@@ -57,7 +57,10 @@ def _interpreter_class():
         from ai_edge_litert.interpreter import Interpreter
 
         return Interpreter
-    except ImportError:  # only when LiteRT is not installed
+    except ImportError as exc:  # only when LiteRT is not installed, not when its install is broken
+        if not isinstance(exc, ModuleNotFoundError) or exc.name not in ("ai_edge_litert", "ai_edge_litert.interpreter"):
+            raise LiteRTError(f"the LiteRT runtime (ai_edge_litert) is installed but broken: {exc}; "
+                              "reinstall it (pip install --force-reinstall ai-edge-litert)") from exc
         log.warning("ai_edge_litert is not installed; falling back to tensorflow.lite")
         import tensorflow as tf  # noqa: PLC0415
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score
 
 SIZE_BUCKETS_MM: tuple[tuple[str, float, float], ...] = (
     ("<5", 0.0, 5.0), ("5-10", 5.0, 10.0), ("10-20", 10.0, 20.0), (">20", 20.0, float("inf")),
@@ -24,7 +24,11 @@ class Interval:
     high: float
 
     def to_json(self) -> dict:
-        return {"value": round(self.value, 4), "ci95": [round(self.low, 4), round(self.high, 4)]}
+        """Rounded; an undefined value (a proportion of no studies) is null, since JSON has no NaN."""
+        def rounded(x: float) -> float | None:
+            return None if np.isnan(x) else round(x, 4)
+
+        return {"value": rounded(self.value), "ci95": [rounded(self.low), rounded(self.high)]}
 
 
 def _bootstrap_interval(y: np.ndarray, statistic: Callable[[np.ndarray], float], n_boot: int, seed: int) -> tuple[float, float]:
@@ -87,13 +91,19 @@ def wilson_interval(successes: int, n: int) -> Interval:
 
 
 def threshold_for_sensitivity(y_true: Sequence[int], y_prob: Sequence[float], min_sensitivity: float = 0.95) -> float:
-    """The highest threshold whose sensitivity (p >= threshold) is at least ``min_sensitivity``."""
+    """The highest threshold whose sensitivity (p >= threshold) is at least ``min_sensitivity``:
+    the score of the k-th most suspicious positive, k = ceil(min_sensitivity * positives).
+
+    (Not read off ``roc_curve``: it drops the points of a run of positives with no negative
+    between them, and would then return the lowest score of the run.)
+    """
     y = np.asarray(y_true, dtype=int)
     p = np.asarray(y_prob, dtype=float)
-    fpr, tpr, thresholds = roc_curve(y, p)
-    ok = np.flatnonzero(tpr >= min_sensitivity)
-    t = float(thresholds[ok[0]])
-    return min(t, 1.0)
+    positives = np.sort(p[y == 1])[::-1]
+    if not len(positives):
+        raise ValueError("a sensitivity threshold needs positive studies")
+    k = max(1, int(np.ceil(min_sensitivity * len(positives) - 1e-9)))  # the tolerance absorbs 0.95 * 20 = 19.000...01
+    return min(float(positives[k - 1]), 1.0)
 
 
 def sensitivity_specificity(y_true: Sequence[int], y_prob: Sequence[float], threshold: float) -> tuple[Interval, Interval]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from dicom_factory import CTSeriesSpec, ct_dataset, save, stored_values
 from model_helpers import MODEL_FILE, bone_block_volume, copy_model_folder, shared_tiny_model
 
 import app.ingest
-from app.engine import Analyzer, analyze_paths
+from app.engine import Analyzer, analyze_paths, iter_study_analyses
 from app.ingest import ingest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -213,3 +215,84 @@ def test_a_file_unreadable_during_streaming_is_left_out_and_reported(inputs, tin
     expected = analyzer.analyze_series(ingest([folder], tmp_path / "work2").series[0])
     assert _slice_results(result) == _slice_results(expected)
     assert [(f.slice_start, f.slice_end) for f in result.findings] == [(10, 13)]  # 5 hot slices, one lost
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert all(f in lines[0] for f in fragments), lines[0]
+
+
+def test_bad_destinations_fail_before_the_analysis(inputs, tiny_model, tmp_path):
+    root, _, _ = inputs
+    base = ["analyze", str(root / "positive"), "--model", str(tiny_model)]
+    proc, _ = run_cli([*base, "--json", ""], tmp_path)
+    assert_one_line_error(proc, "--json needs a file name")
+    proc, _ = run_cli([*base, "--json", str(tmp_path)], tmp_path)
+    assert_one_line_error(proc, "--json needs a file name")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    proc, _ = run_cli([*base, "--json", str(tmp_path / "r.json"), "--heatmaps", str(blocker / "keys")], tmp_path)
+    assert_one_line_error(proc, "cannot create the key image folder")
+    assert not (tmp_path / "r.json").exists()
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".*.partial"))
+
+
+def test_a_failed_run_does_not_leave_an_earlier_result_in_place(inputs, tiny_model, tmp_path):
+    root, _, _ = inputs
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps({"studies": [{"probability": 0.99}], "errors": []}))  # yesterday's result
+    folder = copy_model_folder(tiny_model, tmp_path / "model")
+    (folder / MODEL_FILE).write_bytes(b"replaced")
+    proc, _ = run_cli(["analyze", str(root / "positive"), "--json", str(out), "--model", str(folder)], tmp_path)
+    assert_one_line_error(proc, "sha256")
+    doc = json.loads(out.read_text())
+    assert doc["studies"] == [] and "sha256" in doc["errors"][0]["error"]
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the hostile UID, written on purpose
+def test_a_hostile_series_uid_cannot_place_key_images_outside_their_folder(tiny_model, tmp_path):
+    hu = bone_block_volume()
+    spec = CTSeriesSpec(n_slices=len(hu), rows=hu.shape[1], cols=hu.shape[2], pixel_spacing=(0.75, 0.75),
+                        study="hostile", shuffle=False)
+    for i in range(len(hu)):
+        ds = ct_dataset(spec, i, stored_values(hu[i], spec), i + 1)
+        ds.SeriesInstanceUID = "../../escaped"
+        save(ds, tmp_path / "in" / f"{i:04d}.dcm")
+    keys = tmp_path / "out" / "keys"
+    proc, _ = run_cli(["analyze", str(tmp_path / "in"), "--json", str(tmp_path / "out" / "r.json"),
+                       "--heatmaps", str(keys), "--model", str(tiny_model)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    written = [p for p in tmp_path.rglob("*.png")]
+    assert written and all(p.resolve().is_relative_to(keys.resolve()) for p in written)
+
+
+def test_a_reader_that_closes_stdout_gets_no_traceback(inputs, tiny_model, tmp_path):
+    root, _, _ = inputs
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "analyze", str(root / "positive"), "--json", "-",
+                             "--model", str(tiny_model)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # like "| head -c0"
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 2
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr
+    assert stderr.strip().splitlines() == ["error: the result could not be written: the reader of standard output "
+                                           "closed it"]
+
+
+def test_studies_are_analysed_one_at_a_time_without_holding_earlier_pixels(inputs, tiny_model, tmp_path):
+    root, _, _ = inputs
+    errors: list = []
+    studies = iter_study_analyses([root / "positive", root / "negative"], Analyzer(str(tiny_model), threads=1),
+                                  tmp_path / "work", errors)
+    first_series, first_result = next(studies)
+    pixels = weakref.ref(first_series.hu)
+    del first_series
+    _, second_result = next(studies)  # the first study's pixels went when the consumer let go of them
+    gc.collect()
+    assert pixels() is None
+    assert next(studies, None) is None and errors == []
+    assert {first_result.series_instance_uid, second_result.series_instance_uid} == {
+        s.series_uid for s in inputs[1:]}

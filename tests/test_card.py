@@ -52,3 +52,27 @@ def test_bad_card_and_unknown_model(tmp_path):
         load_card(tmp_path)
     with pytest.raises(ModelError, match="unknown model"):
         resolve_model("no-such-model")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"threshold": float("nan")}, "threshold must be a number in"),
+    ({"threshold": None}, "threshold must be a number in"),
+    ({"threshold": 7}, "threshold must be a number in"),
+    ({"aggregation": {"method": "median"}}, "aggregation method must be one of"),
+    ({"aggregation": {"method": "top_k_mean", "k": 0}}, "aggregation k"),
+    ({"files": ["m.tflite"]}, "'files' and 'variants' must be objects"),
+    ({"variants": ["float32"]}, "'variants' must be an object"),
+    ({"variants": {"float32": "m.tflite"}}, "malformed"),
+])
+def test_a_card_that_would_change_decisions_silently_is_refused(tmp_path, change, message):
+    _card(tmp_path)
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | change))
+    with pytest.raises(ModelError, match=message):
+        load_card(tmp_path)
+
+
+def test_an_unreadable_card_is_a_model_error(tmp_path):
+    (tmp_path / "card.json").mkdir()
+    with pytest.raises(ModelError, match="cannot be read"):
+        load_card(tmp_path)

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,7 @@ from model_zoo.metrics import (
     sensitivity_specificity,
     study_report,
     threshold_for_sensitivity,
+    wilson_interval,
 )
 
 
@@ -32,6 +35,20 @@ def test_threshold_keeps_target_sensitivity():
     # The highest such threshold: raising it a little loses sensitivity.
     assert sensitivity_specificity(y, p, t + 1e-9)[0].value < 0.95
     assert 0 < spec.value < 1
+
+
+def test_threshold_inside_a_run_of_positives_is_not_lowered_to_the_end_of_the_run():
+    # 20 positives, the lowest five a run with no negative between them (roc_curve drops its inner points).
+    y = np.r_[np.ones(20), np.zeros(10)].astype(int)
+    p = np.r_[np.linspace(0.99, 0.65, 15), [0.60, 0.55, 0.50, 0.45, 0.40], np.linspace(0.35, 0.0, 10)]
+    assert threshold_for_sensitivity(y, p, 0.95) == 0.45  # 19 of 20 at or above it
+    assert threshold_for_sensitivity(y, p, 1.0) == 0.40
+
+
+def test_a_proportion_of_no_studies_is_null_in_json():
+    doc = wilson_interval(0, 0).to_json()
+    assert doc == {"value": None, "ci95": [None, None]}
+    json.dumps(doc, allow_nan=False)
 
 
 def test_auc_ci_brackets_the_estimate():

@@ -23,6 +23,7 @@ from app.heatmap import cam_to_image, hot_region
 from app.runtime import ModelLoadError, load_model
 from model_zoo.card import Aggregation, ModelCard, load_card, sha256_file
 from model_zoo.contract import InputContract, analysed_slices, resample_inplane, volume_to_input
+from model_zoo.litert import LiteRTError, _interpreter_class
 
 REF = ModelRef(name="m", version="1", sha256="0" * 64, variant="float32")
 
@@ -387,5 +388,22 @@ def test_unknown_model_and_variant_are_clear_errors(tiny_model):
         load_model("no-such-model")
     with pytest.raises(ModelLoadError, match="no variant 'int8'"):
         load_model(str(tiny_model), variant="int8")
-    with pytest.raises(ModelLoadError, match="at least 1"):
+    with pytest.raises(ModelLoadError, match="between 1 and 64"):
         load_model(str(tiny_model), threads=0)
+    with pytest.raises(ModelLoadError, match="between 1 and 64"):  # a typo would start that many OS threads
+        load_model(str(tiny_model), threads=2**31)
+
+
+def test_a_broken_litert_install_is_reported_not_replaced_by_tensorflow(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name.startswith("ai_edge_litert"):
+            raise ImportError("libLiteRt.so: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    with pytest.raises(LiteRTError, match="installed but broken"):  # raised before any fallback import
+        _interpreter_class()

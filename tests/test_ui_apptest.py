@@ -196,7 +196,7 @@ def test_the_json_download_is_the_cli_document_with_the_users_file_names(uploads
     assert_friendly(at)
     assert shown(at.warning, "could not be used")
     job = at.session_state["analysis_job"]
-    document = results_json(job.outcome.studies, job.outcome.errors)
+    document = results_json([r for _, r in job.outcome.studies], job.outcome.errors)
     assert document["studies"][0]["positive"] is True
     assert document["errors"] == [{"path": "notes.txt", "error": job.outcome.errors[0].error}]
 

@@ -201,7 +201,7 @@ def _result(job: AnalysisJob, series: Series, result: StudyResult) -> None:
 
 
 def _downloads(job: AnalysisJob, series: Series, result: StudyResult) -> None:
-    document = json.dumps(results_json(job.outcome.studies, job.outcome.errors), indent=2)
+    document = json.dumps(results_json([r for _, r in job.outcome.studies], job.outcome.errors), indent=2)
     st.download_button("Download result (JSON)", data=document, file_name="myeloma-ct-result.json",
                        mime="application/json", key="download_json", on_click="ignore", width="stretch")
     for fmt, mime in FORMATS.items():
