@@ -6,8 +6,10 @@ references keep pointing at the forwarded slices. The dicognito seed is a secret
 installation combined with the original Patient ID: the same patient gets the same
 pseudonym and date shift in every study, so priors stay comparable at the reading site.
 
-On top of dicognito: private elements and the free-text descriptions of the source images are
-removed (dicognito keeps them; PS3.15 removes them: a scanner operator may type a name there),
+On top of dicognito: private elements, overlays and the free-text descriptions of the source
+images are removed (dicognito keeps them; PS3.15 removes them: a scanner operator may type a name
+there), and so are the identifying attributes dicognito passes through (``IDENTIFYING``: admission
+and episode IDs, addresses and phone numbers, staff identification, the device serial number...);
 the birth date is emptied (the age stays), PatientIdentityRemoved = YES and
 DeidentificationMethod(CodeSequence) describe what was done. Descriptions this app generated
 itself (the AI series' "not for diagnostic use" labels) are kept.
@@ -49,6 +51,23 @@ FREE_TEXT = frozenset({
     "ScheduledProcedureStepDescription", "CommentsOnThePerformedProcedureStep", "AdmittingDiagnosesDescription",
     "AcquisitionComments", "VisitComments", "TextComments", "InterpretationText",
 })
+# Identifying attributes dicognito leaves as they are (PS3.15 Table E.1-1 action X; "Retain Device
+# Identity" is not applied). Removed at every nesting level, sequences whole.
+IDENTIFYING = frozenset({
+    "AdmissionID", "IssuerOfAdmissionIDSequence", "ServiceEpisodeID", "ServiceEpisodeDescription",
+    "IssuerOfServiceEpisodeIDSequence", "PatientInstitutionResidence", "MedicalAlerts", "Allergies",
+    "ReasonForTheRequestedProcedure", "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
+    "ReferringPhysicianIdentificationSequence", "PhysiciansOfRecordIdentificationSequence",
+    "PerformingPhysicianIdentificationSequence", "OperatorIdentificationSequence", "PersonAddress",
+    "PersonTelephoneNumbers", "PersonIdentificationCodeSequence", "InstitutionCodeSequence",
+    "InstitutionalDepartmentName", "DeviceSerialNumber", "StationName", "PatientBirthTime", "PatientAddress",
+    "PatientTelephoneNumbers", "PatientMotherBirthName", "OtherPatientNames", "PatientBirthName", "MilitaryRank",
+    "BranchOfService", "Occupation", "CountryOfResidence", "RegionOfResidence", "PatientReligiousPreference",
+    "ResponsiblePerson", "ResponsibleOrganization", "CurrentPatientLocation", "InsurancePlanIdentification",
+    "RequestingService",
+})
+# Overlay (60xx) and curve (50xx) groups: an overlay can carry the patient's name as graphics or text.
+_REPEATING_GROUPS = ((0x5000, 0x501E), (0x6000, 0x601E))
 # Free text this app writes into its own SR and key images (no patient data); everything else is the source's.
 GENERATED_TEXT = frozenset({"SeriesDescription", "ImageComments", "DerivationDescription"})
 # PS3.16 CID 7050 "De-identification Method": what dicognito plus this module apply.
@@ -83,10 +102,18 @@ class PseudonymStore:
             self._db.execute("CREATE TABLE IF NOT EXISTS secret (id INTEGER PRIMARY KEY CHECK (id = 1), "
                              "value TEXT NOT NULL)")
             self._db.execute("INSERT OR IGNORE INTO secret (id, value) VALUES (1, ?)", (secrets.token_hex(32),))
+            # One row per pseudonym ever sent: a study forwarded again after its Patient ID was corrected
+            # gets a new pseudonym, and a read of either must still find the patient.
             self._db.execute(
-                "CREATE TABLE IF NOT EXISTS studies (original_study_uid TEXT PRIMARY KEY, "
-                "original_patient_id TEXT NOT NULL, pseudo_study_uid TEXT NOT NULL UNIQUE, "
+                "CREATE TABLE IF NOT EXISTS pseudonyms (pseudo_study_uid TEXT PRIMARY KEY, "
+                "original_study_uid TEXT NOT NULL, original_patient_id TEXT NOT NULL, "
                 "pseudo_patient_id TEXT NOT NULL, created_at REAL NOT NULL)")
+            self._db.execute("CREATE INDEX IF NOT EXISTS pseudonyms_by_original ON pseudonyms (original_study_uid)")
+            if self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'studies'").fetchone():
+                # the first layout kept one pseudonym per original study
+                self._db.execute("INSERT OR IGNORE INTO pseudonyms SELECT pseudo_study_uid, original_study_uid, "
+                                 "original_patient_id, pseudo_patient_id, created_at FROM studies")
+                self._db.execute("DROP TABLE studies")
         self._secret = self._db.execute("SELECT value FROM secret").fetchone()[0]
 
     def close(self) -> None:
@@ -104,13 +131,17 @@ class PseudonymStore:
     def record(self, pseudonym: Pseudonym) -> None:
         with self._lock, self._db:
             self._db.execute(
-                "INSERT INTO studies VALUES (?, ?, ?, ?, ?) ON CONFLICT(original_study_uid) DO NOTHING",
-                (pseudonym.original_study_uid, pseudonym.original_patient_id, pseudonym.pseudo_study_uid,
+                "INSERT INTO pseudonyms (pseudo_study_uid, original_study_uid, original_patient_id, "
+                "pseudo_patient_id, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT(pseudo_study_uid) DO NOTHING",
+                (pseudonym.pseudo_study_uid, pseudonym.original_study_uid, pseudonym.original_patient_id,
                  pseudonym.pseudo_patient_id, pseudonym.created_at))
 
     def _one(self, column: str, value: str) -> Pseudonym | None:
+        """The newest pseudonym whose ``column`` is ``value``."""
         with self._lock:
-            row = self._db.execute(f"SELECT * FROM studies WHERE {column} = ?", (value,)).fetchone()
+            row = self._db.execute(
+                "SELECT original_study_uid, original_patient_id, pseudo_study_uid, pseudo_patient_id, created_at "
+                f"FROM pseudonyms WHERE {column} = ? ORDER BY created_at DESC LIMIT 1", (value,)).fetchone()
         return Pseudonym(*row) if row else None
 
     def by_pseudonymous_study(self, study_uid: str) -> Pseudonym | None:
@@ -143,14 +174,22 @@ def deidentifying_equipment(site_name: str, when: datetime) -> pydicom.Dataset:
     return item
 
 
-def _remove_free_text(ds: pydicom.Dataset, keep: frozenset[str]) -> None:
-    """Delete the FREE_TEXT elements at every nesting level, except top-level ones named in ``keep``."""
+def _in_repeating_group(tag: pydicom.tag.BaseTag) -> bool:
+    return any(low <= tag.group <= high and tag.group % 2 == 0 for low, high in _REPEATING_GROUPS)
+
+
+def _remove_identifying(ds: pydicom.Dataset, keep: frozenset[str]) -> None:
+    """Delete FREE_TEXT (except top-level ones named in ``keep``), IDENTIFYING, overlays and curves at every
+    nesting level; empty every PatientBirthDate (before dicognito, which refuses placeholders like 00000000)."""
     for elem in list(ds):
-        if elem.VR == "SQ":
-            for item in elem.value:
-                _remove_free_text(item, frozenset())
-        elif elem.keyword in FREE_TEXT and elem.keyword not in keep:
+        if (elem.keyword in IDENTIFYING or _in_repeating_group(elem.tag)
+                or (elem.keyword in FREE_TEXT and elem.keyword not in keep)):
             del ds[elem.tag]
+        elif elem.keyword == "PatientBirthDate":
+            elem.value = ""
+        elif elem.VR == "SQ":
+            for item in elem.value:
+                _remove_identifying(item, frozenset())
 
 
 class StudyDeidentifier:
@@ -175,10 +214,15 @@ class StudyDeidentifier:
             raise AppError("an image declares burned-in annotation (text in the pixels may identify the "
                            "patient); it cannot be de-identified automatically; nothing was sent")
         ds.remove_private_tags()
-        _remove_free_text(ds, keep=GENERATED_TEXT if generated else frozenset())
-        self._anonymizer.anonymize(ds)
-        if "PatientBirthDate" in ds:
-            ds.PatientBirthDate = ""
+        _remove_identifying(ds, keep=GENERATED_TEXT if generated else frozenset())
+        for keyword in ("PatientID", "PatientName"):  # so an object without them gets the study's pseudonym too
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+        try:
+            self._anonymizer.anonymize(ds)
+        except ValueError as exc:  # dicognito cannot shift a malformed date or time
+            raise AppError(f"an image has a date or time that cannot be read ({exc}), so its dates cannot be "
+                           "de-identified; nothing was sent") from None
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = DEIDENTIFICATION_METHOD
         ds.DeidentificationMethodCodeSequence = _method_codes()

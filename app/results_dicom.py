@@ -24,6 +24,7 @@ import numpy as np
 import pydicom
 from matplotlib import colormaps
 from pydicom.filebase import DicomBytesIO
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
@@ -101,7 +102,8 @@ def _source_headers(series: Series, indices: list[int]) -> dict[int, pydicom.Dat
         raise AppError("the series has no file list matching its slices; it cannot be forwarded")
     headers = {}
     for i in sorted(set(indices)):
-        ds = pydicom.dcmread(series.files[i], stop_before_pixels=True)
+        ds = pydicom.dcmread(series.files[i], stop_before_pixels=True, force=True)  # ingest takes meta-less files
+        _to_supported_character_set(ds)
         if ds.SOPInstanceUID != series.sop_instance_uids[i]:
             raise AppError(f"file {series.files[i].name} is not slice {i} of the analysed series "
                            "(its SOP Instance UID differs)")
@@ -112,6 +114,25 @@ def _source_headers(series: Series, indices: list[int]) -> dict[int, pydicom.Dat
                 setattr(ds, keyword, None)
         headers[i] = ds
     return headers
+
+
+# Single-byte character sets highdicom takes as they are; any other source text is re-encoded as UTF-8.
+_KEPT_CHARACTER_SETS = frozenset(v.value for v in hd.enum.SpecificCharacterSetValues if v.value.startswith("ISO_IR"))
+
+
+def _to_supported_character_set(ds: pydicom.Dataset) -> None:
+    """Make the header copy's text UTF-8 unless highdicom takes its character set as it is.
+
+    highdicom refuses code extensions with an empty first value (the usual Japanese "\\ISO 2022 IR 87"),
+    Korean ISO 2022 IR 149 and "ISO_IR 6"; decoding with the source's own character set and writing
+    UTF-8 keeps every name exact.
+    """
+    value = ds.get("SpecificCharacterSet")
+    values = [str(v) for v in value] if isinstance(value, MultiValue) else [str(value)] if value else []
+    if not values or (len(values) == 1 and values[0] in _KEPT_CHARACTER_SETS):
+        return
+    ds.decode()
+    ds.SpecificCharacterSet = "ISO_IR 192"
 
 
 _PATIENT_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",

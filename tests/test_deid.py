@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import sqlite3
 
 import pydicom
 import pytest
 
-from app.deid import PseudonymStore, StudyDeidentifier
+from app.deid import Pseudonym, PseudonymStore, StudyDeidentifier
 from app.domain import AppError
 from app.results_dicom import build_results
 from tests.forward_helpers import (
@@ -165,3 +166,79 @@ def test_burned_in_annotation_and_foreign_instances_are_refused(study, tmp_path)
             _deidentify(store, series, [burned])
         with pytest.raises(AppError, match="another study"):
             _deidentify(store, series, [foreign])
+
+
+def test_identifying_attributes_dicognito_passes_through_are_removed(study, tmp_path):
+    series, slices, results = study
+    ct = copy.deepcopy(slices[0])
+    ct.AdmissionID, ct.ServiceEpisodeID, ct.PatientInstitutionResidence = "ADM-555123", "EP-77", "Ward Quillfeather"
+    ct.MedicalAlerts, ct.Allergies = "Quillfeather alert", "penicillin (Quillfeather)"
+    ct.DeviceSerialNumber, ct.StationName = "SN-998877", "CT-QUILL"
+    ct.PatientBirthTime = "073000"
+    request = pydicom.Dataset()
+    request.ReasonForTheRequestedProcedure = "f/u, pt Quillfeather"
+    ct.RequestAttributesSequence = [request]
+    operator = pydicom.Dataset()
+    operator.PersonAddress, operator.PersonTelephoneNumbers = "1 Quill Lane", "555-0199"
+    ct.OperatorIdentificationSequence = [operator]
+    institution = pydicom.Dataset()
+    institution.CodeValue, institution.CodingSchemeDesignator = "SEH", "LOCAL"
+    institution.CodeMeaning = "St Quillfeather Hospital"
+    ct.InstitutionCodeSequence = [institution]
+    nested = pydicom.Dataset()
+    nested.PatientBirthDate = BIRTH_DATE
+    ct.ReferencedPatientSequence = [nested]
+    ct.add_new(0x60000022, "LO", "Quillfeather Zephyrine")  # overlay description
+    ct.add_new(0x60003000, "OW", bytes(512))  # overlay data
+    with PseudonymStore(tmp_path / "p.sqlite") as store:
+        (out,), _ = _deidentify(store, series, [ct])
+    assert not [v for v in all_text(out) if "QUILL" in v.upper() or v in ("ADM-555123", "EP-77", "SN-998877")]
+    for keyword in ("AdmissionID", "ServiceEpisodeID", "DeviceSerialNumber", "StationName", "PatientBirthTime",
+                    "OperatorIdentificationSequence", "InstitutionCodeSequence", "MedicalAlerts", "Allergies"):
+        assert keyword not in out, keyword
+    assert "ReasonForTheRequestedProcedure" not in out.RequestAttributesSequence[0]
+    assert out.ReferencedPatientSequence[0].PatientBirthDate == ""
+    assert not any(0x6000 <= elem.tag.group <= 0x601E for elem in out.iterall())
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA")  # the placeholder date, on purpose
+def test_placeholder_dates_and_missing_patient_id_do_not_stop_or_split_the_case(study, tmp_path):
+    series, slices, results = study
+    ct = [copy.deepcopy(ds) for ds in slices[:2]]
+    for ds in ct:
+        ds.PatientBirthDate = "00000000"  # "unknown", common for emergency patients
+        del ds.PatientID  # the slices have none; the results made from them carry an empty one (Type 2)
+    made = [copy.deepcopy(ds) for ds in results]
+    for ds in made:
+        ds.PatientID = ""
+    with PseudonymStore(tmp_path / "p.sqlite") as store:
+        out, pseudonym = _deidentify(store, series, [*ct, *made])
+    assert {ds.PatientID for ds in out} == {pseudonym.pseudo_patient_id} and pseudonym.pseudo_patient_id
+    bad_time = copy.deepcopy(slices[2])
+    bad_time.StudyDate = "2024-05-06"
+    with PseudonymStore(tmp_path / "p.sqlite") as store, pytest.raises(AppError, match="date or time"):
+        _deidentify(store, series, [bad_time])
+
+
+def test_a_study_sent_again_under_a_corrected_patient_id_keeps_both_pseudonyms(study, tmp_path):
+    series, slices, _ = study
+    with PseudonymStore(tmp_path / "p.sqlite") as store:
+        _, first = _deidentify(store, series, slices[:1])
+        corrected = StudyDeidentifier(store, series.study_instance_uid, "MERGED-0042")
+        corrected(copy.deepcopy(slices[0]))
+        second = corrected.pseudonym
+        assert second.pseudo_study_uid != first.pseudo_study_uid
+        for pseudonym in (first, second):  # a read of either study comes home
+            assert store.by_pseudonymous_study(pseudonym.pseudo_study_uid).original_study_uid == \
+                series.study_instance_uid
+        assert store.by_original_study(series.study_instance_uid).original_patient_id in (PATIENT_ID, "MERGED-0042")
+
+
+def test_a_pseudonym_map_of_the_first_layout_is_carried_over(tmp_path):
+    path = tmp_path / "p.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE studies (original_study_uid TEXT PRIMARY KEY, original_patient_id TEXT NOT NULL, "
+                   "pseudo_study_uid TEXT NOT NULL UNIQUE, pseudo_patient_id TEXT NOT NULL, created_at REAL NOT NULL)")
+        db.execute("INSERT INTO studies VALUES ('1.2.3', 'PID-1', '2.25.9', 'PSEUDO', 1.0)")
+    with PseudonymStore(path) as store:
+        assert store.by_pseudonymous_study("2.25.9") == Pseudonym("1.2.3", "PID-1", "2.25.9", "PSEUDO", 1.0)

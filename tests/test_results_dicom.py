@@ -188,3 +188,35 @@ def test_every_object_passes_dciodvfy_without_errors(series, positive, tmp_path,
         path = tmp_path / f"object_{i}.dcm"
         ds.save_as(path, enforce_file_format=True)
         assert _dciodvfy_errors(path) == [], f"{ds.Modality} object {i} does not validate"
+
+
+@pytest.mark.parametrize(("charset", "name"), [
+    ("ISO_IR 100", "Müller^Jürgen"),
+    ("ISO_IR 6", "Smith^John"),  # not a defined term, but common
+    (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎"),  # Japanese, as most scanners write it
+    (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞"),  # Korean
+    ("ISO 2022 IR 100", "Müller^Jürgen"),
+    ("ISO_IR 192", "Ψάλτης^Νίκος"),
+])
+def test_results_are_built_whatever_character_set_the_source_uses(tmp_path, charset, name):
+    series = write_ct_series(tmp_path / "ct", n_slices=4, size=64, seed=3)
+    for path in series.files:
+        ds = pydicom.dcmread(path)
+        ds.SpecificCharacterSet = charset
+        ds.PatientName = name
+        ds.save_as(path, enforce_file_format=True)
+    objects = build_results(series, make_study_result(series, positive=True))
+    for ds in objects.datasets:
+        path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert str(pydicom.dcmread(path).PatientName) == name
+
+
+def test_results_are_built_for_files_without_a_file_meta_header(tmp_path):
+    series = write_ct_series(tmp_path / "ct", n_slices=4, size=64, seed=4)
+    for path in series.files:
+        ds = pydicom.dcmread(path)
+        ds.file_meta, ds.preamble = pydicom.dataset.FileMetaDataset(), None  # neither is written
+        ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=False)
+        assert path.read_bytes()[128:132] != b"DICM"
+    build_results(series, make_study_result(series, positive=True))
