@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+# Each bucket holds its lower bound: a largest lesion of exactly 10.0 mm counts as "10-20", 20.0 as ">20".
 SIZE_BUCKETS_MM: tuple[tuple[str, float, float], ...] = (
     ("<5", 0.0, 5.0), ("5-10", 5.0, 10.0), ("10-20", 10.0, 20.0), (">20", 20.0, float("inf")),
 )
@@ -132,7 +133,10 @@ def sensitivity_by_size(truths: Sequence[dict], y_prob: Sequence[float], thresho
 
 
 def specificity_by_hard_negative(truths: Sequence[dict], y_prob: Sequence[float], threshold: float) -> dict:
-    """Specificity among negative studies that contain each hard-negative type (and none at all)."""
+    """Specificity among negative studies that contain each hard-negative type (and none at all).
+
+    The groups overlap: a study with two kinds counts in both, so their n add up to more than the negatives.
+    """
     kinds = sorted({h["kind"] for t in truths for h in t["hard_negatives"]})
     out = {}
     for kind in [*kinds, "none"]:
