@@ -32,7 +32,7 @@ from model_zoo.metrics import auc_with_ci, sensitivity_specificity
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
-EVAL_BATCH = 16  # the app's batch size
+EVAL_BATCH = 16  # slices per call when scoring accuracy (outputs do not depend on it)
 
 
 @dataclass

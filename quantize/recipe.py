@@ -119,7 +119,7 @@ class EvaluationConfig:
     latency_batch: int = 1  # slices per interpreter call when timing
     latency_warmup: int = 3
     latency_runs: int = 30
-    memory_batch: int = 16  # the app's batch size
+    memory_batch: int = 16  # an upper bound: the app runs batches of 4 (app.engine.DEFAULT_BATCH_SIZE)
 
     def validate(self) -> None:
         if not self.threads or min(self.threads) < 1:
@@ -186,6 +186,10 @@ class Recipe:
         self.qat.validate()
         self.pqat.validate()
         self.evaluation.validate()
+        if self.selection.latency_threads not in self.evaluation.threads:
+            # checked now: the report needs it after hours of fine-tuning and conversion
+            raise RecipeError(f"recipe {self.name!r}: selection.latency_threads {self.selection.latency_threads} is "
+                              f"not one of evaluation.threads {list(self.evaluation.threads)}")
 
     def needs(self, source: str) -> bool:
         """Does any requested variant come from this source model (float, pruned, qat, pqat)?"""

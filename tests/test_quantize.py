@@ -61,6 +61,7 @@ def test_default_recipe_matches_the_issue():
         ({"name": "x", "pruning": {"size_tiers": [[0, 0.5]]}}, "min_weights >= 1"),
         ({"name": "x", "variants": ["float32"], "acceptance": {"variant": "pqat_int8"}}, "not built"),
         ({"description": "no name"}, "no 'name'"),
+        ({"name": "x", "evaluation": {"threads": [1]}, "selection": {"latency_threads": 2}}, "latency_threads 2"),
     ],
 )
 def test_invalid_recipes_are_explained(data, message):
