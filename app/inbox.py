@@ -22,7 +22,7 @@ from pathlib import Path
 
 from app.deid import PseudonymStore
 from app.dicomweb import AuthenticationFailed, DicomWebClient, DicomWebError
-from app.outbox import CaseState, ItemKind, Outbox
+from app.outbox import CaseInfo, CaseState, ItemKind, Outbox
 from app.reads import Agreement, LesionMark, MarkKind, ReadError, ReadReport, Urgency, parse_read_sr
 from app.settings import app_data_dir
 from app.sqlite_db import open_wal_database
@@ -148,13 +148,20 @@ def open_inbox(data_dir: Path | None = None) -> Inbox:
     return Inbox((data_dir or app_data_dir()) / INBOX_DB)
 
 
+def _may_have_reads(case: CaseInfo, since: float) -> bool:
+    """Delivered since ``since``; or still queued but partly on the server (the CT can be read while
+    one of the app's objects keeps failing)."""
+    if case.state == CaseState.DELIVERED:
+        return (case.delivered_at or 0) >= since
+    return case.n_confirmed > 0 and case.created_at >= since
+
+
 def fetch_reads(client: DicomWebClient, outbox: Outbox, pseudonyms: PseudonymStore, inbox: Inbox,
                 lookback_days: float = LOOKBACK_DAYS) -> FetchReport:
-    """Fetch the reads of recently delivered cases that the inbox does not have yet."""
+    """Fetch the reads of recently forwarded cases (see ``_may_have_reads``) that the inbox does not have yet."""
     report = FetchReport()
     since = time.time() - lookback_days * 86400
-    cases = [c for c in outbox.cases(state=CaseState.DELIVERED, destination=client.base_url)
-             if (c.delivered_at or 0) >= since]
+    cases = [c for c in outbox.cases(destination=client.base_url) if _may_have_reads(c, since)]
     known = inbox.known()
     for case in cases:
         report.cases_checked += 1
