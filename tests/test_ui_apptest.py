@@ -354,6 +354,11 @@ def test_settings_session_password_is_used_not_shown(app_env, monkeypatch):
     at.text_input(key="session_password").set_value(SECRET).run()
     assert "typed for this session" in all_text(at)
     assert SECRET not in "\n".join(m.value for m in at.markdown)
+    at.switch_page("page_scripts/outbox.py").run()  # e.g. to retry a case with it
+    at.run()
+    assert at.session_state["session_password"] == SECRET  # not dropped with the Settings page's widget
+    at.switch_page("page_scripts/settings.py").run()
+    assert "typed for this session" in all_text(at)
 
 
 def test_settings_threads_and_variant_apply_to_the_session(app_env):
@@ -461,3 +466,27 @@ def test_outbox_lists_cases_and_retries(app_env, tmp_path):
     assert "unreachable" in shown(at.warning, "still queued")
     assert list(at.dataframe[0].value["Tries"]) == [1]
 
+
+
+def test_inbox_keeps_showing_the_reads_it_has_when_the_server_is_down(app_env, tmp_path):
+    from datetime import UTC, datetime
+
+    from app.forward import open_outbox
+    from app.inbox import InboxRead, open_inbox
+    from app.outbox import ItemKind
+    from app.reads import Agreement, ReadReport, Urgency
+
+    url = _unreachable_server(app_env)
+    series = write_ct_series(tmp_path / "ct", n_slices=2)
+    with open_outbox() as outbox:  # a delivered case, so checking for reads must ask the server
+        outbox.mark_delivered(outbox.add_case(url, False, [(ItemKind.IMAGE, pydicom.dcmread(f)) for f in series.files]))
+    report = ReadReport("2.25.1", "2.25.2", "2.25.3", "2.25.4", "Curie^Marie", "Org", datetime.now(UTC),
+                        Agreement.AGREE, Urgency.URGENT, True, "Lytic lesion", ())
+    with open_inbox(app_env) as inbox:
+        inbox.add(InboxRead(report, "case-1", "1.2.3", "PID-7", "suspicious", 0.0, None, None))
+    at = start_app()
+    at.switch_page("page_scripts/inbox.py").run()
+    at.button(key="inbox_check").click().run()
+    assert_friendly(at)
+    assert shown(at.error, "Could not check for new reads")
+    assert list(at.dataframe[0].value["Patient ID"]) == ["PID-7"]  # the urgent read already here stays visible

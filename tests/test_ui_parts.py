@@ -190,12 +190,14 @@ def test_upload_names_are_made_safe(given, safe):
 
 
 def test_uploads_are_written_once_each_and_same_names_are_kept(tmp_path):
-    files = [NamedBytes("IM1", b"first"), NamedBytes("dir/IM1", b"second"), NamedBytes("../x.zip", b"zip")]
+    # Numeric names (common in DICOM exports) must not clash with where the duplicates go.
+    files = [NamedBytes("3", b"first"), NamedBytes("2", b"two"), NamedBytes("dir/2", b"second two"),
+             NamedBytes("../x.zip", b"zip"), NamedBytes("3", b"second three")]
     progress: list[tuple[int, int]] = []
     paths = write_uploads(files)(tmp_path, lambda d, t: progress.append((d, t)))
-    assert [p.read_bytes() for p in paths] == [b"first", b"second", b"zip"]
-    assert all(p.is_relative_to(tmp_path) for p in paths) and len(set(paths)) == 3
-    assert progress == [(1, 3), (2, 3), (3, 3)]
+    assert [p.read_bytes() for p in paths] == [b"first", b"two", b"second two", b"zip", b"second three"]
+    assert all(p.is_relative_to(tmp_path) for p in paths) and len(set(paths)) == 5
+    assert progress == [(i, 5) for i in range(1, 6)]
 
 
 def test_error_paths_lose_the_temp_folders(tmp_path):
@@ -330,3 +332,8 @@ def test_the_app_never_imports_tensorflow():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_analyses_take_turns_whatever_model_or_thread_count_a_session_chose():
+    # Settings' Apply makes a second cached model; its analyses must not run beside the first one's.
+    assert SharedModel(object()).lock is SharedModel(object()).lock

@@ -113,12 +113,16 @@ def test_forward_worklist_read_and_clinic_inbox(orthanc_factory, tmp_path, monke
     assert_clean(at)
     marks = [m.value for m in at.markdown if m.value.startswith("R")]
     assert marks == ["R1: box (27, 33, 38, 44) on slice 6 - confirmed AI finding F1", "R2: point (20, 30) on slice 4"]
-    at.radio(key="read_agreement").set_value("agree")
-    at.radio(key="read_urgency").set_value("urgent")
-    at.text_area(key="read_impression").input("Lytic lesions in two vertebrae. Recommend haematology review.")
-    at.button(key="FormSubmitter:read_form_" + positive_study + "-Sign as Curie Marie and send").click().run()
+    at.radio(key=f"read_agreement_{positive_study}").set_value("agree")
+    at.radio(key=f"read_urgency_{positive_study}").set_value("urgent")
+    at.text_area(key=f"read_impression_{positive_study}").input(
+        "Lytic lesions in two vertebrae. Recommend haematology review.")
+    sign = "FormSubmitter:read_form_" + positive_study + "-Sign as Curie Marie and send"
+    at.button(key=sign).click().run()
     assert_clean(at)
     assert any("Read saved on the server" in s.value for s in at.success), page_text(at)
+    at.button(key=sign).click().run()  # a second click on the same read sends nothing
+    assert any("already sent" in i.value for i in at.info), page_text(at)
 
     # --- what the server holds: a verified SR that references the AI SR, and passes dciodvfy ------------
     with telerad.reader_client() as client:

@@ -37,6 +37,7 @@ from app.worklist import WorklistEntry, fetch_worklist
 READ_COLOUR = (255, 170, 0)  # the radiologist's marks: amber, apart from the AI's cyan boxes
 POINT_RADIUS_PX = 4
 VIEWED_KEY = "cases_viewed"  # studies whose viewing is in the audit log for this session
+SENT_READS_KEY = "reads_sent"  # (study uid, agreement, urgency, impression) of reads sent this session
 MARKS_KEY = "read_marks"  # {study uid: [LesionMark]} the radiologist added (besides confirmed AI findings)
 IMAGES_KEY = "case_images"  # {(study uid, instances on the server): CaseImages}
 
@@ -282,18 +283,26 @@ def _read_form(client: DicomWebClient, entry: WorklistEntry, images: CaseImages,
             if not origin:
                 own = i - len(confirmed)
                 right.button("Remove", key=f"remove_mark_{own}", on_click=marks.pop, args=(own,))
-    with st.form(f"read_form_{entry.study_uid}"):
+    uid = entry.study_uid  # the form's fields belong to this case: another case starts empty
+    with st.form(f"read_form_{uid}"):
         agreement = st.radio("The AI result", [str(a) for a in Agreement], horizontal=True,
                              format_func=lambda a: "I agree" if a == Agreement.AGREE else "I disagree",
-                             key="read_agreement")
-        urgency = st.radio("Urgency", [str(u) for u in Urgency], horizontal=True, key="read_urgency")
-        impression = st.text_area("Impression", key="read_impression", height=120)
+                             key=f"read_agreement_{uid}")
+        urgency = st.radio("Urgency", [str(u) for u in Urgency], horizontal=True, key=f"read_urgency_{uid}")
+        impression = st.text_area("Impression", key=f"read_impression_{uid}", height=120)
         signed = st.form_submit_button(f"Sign as {name.replace('^', ' ')} and send", type="primary")
     if signed:
         read = Read(agreement=Agreement(agreement), urgency=Urgency(urgency), impression=impression,
                     lesions=tuple(_draft(entry, images)), radiologist=name, organization=organization,
                     verified_at=datetime.now(UTC))
+        sent = st.session_state.setdefault(SENT_READS_KEY, set())
+        # Not the marks: saving clears the drafted ones, so a second click would differ only there.
+        content = (uid, read.agreement, read.urgency, read.impression.strip())
+        if content in sent:  # a second click on the same form: one verified read per decision
+            st.info("This read was already sent; nothing was sent again. Change the impression to add an addendum.")
+            return
         _save(client, entry, images, read)
+        sent.add(content)
 
 
 def _save(client: DicomWebClient, entry: WorklistEntry, images: CaseImages, read: Read) -> None:

@@ -74,19 +74,18 @@ def _fetch(actor: str) -> FetchReport:
 
 def _page() -> None:
     clinic_user()
-    st.text_input("Your name (for the audit log)", key=CLINIC_USER_KEY)
+    st.text_input("Your name (for the audit log)", key=CLINIC_USER_KEY, persist_state="session")
     if not server_settings().url:
         st.warning("No teleradiology server is configured; set it on the Settings page.")
         return
     if st.button("Check for reads now", key="inbox_check", type="primary", icon=":material/refresh:"):
-        report = _fetch(clinic_user() or "clinic")
-        st.success(f"Checked {report.cases_checked} case(s): {len(report.new_reads)} new read(s).")
-        if report.unmatched:
-            st.warning(f"{report.unmatched} read(s) belong to studies the de-identification mapping does not "
-                       "know; they are not shown.")
-        if report.unretrieved:
-            st.warning(f"{report.unretrieved} report(s) listed by the server could not be downloaded; "
-                       "they are tried again at the next check.")
+        try:
+            report = _fetch(clinic_user() or "clinic")
+        except AppError as exc:  # the server is out of reach: the reads already here are still shown below
+            st.error(f"Could not check for new reads: {exc}")
+            st.session_state[LAST_CHECK_KEY] = time.time()  # the automatic check need not try again at once
+        else:
+            _show_fetch(report)
     _timer()
     with open_inbox() as inbox:
         reads = inbox.reads()
@@ -98,6 +97,16 @@ def _page() -> None:
     st.dataframe(_style(inbox_rows(reads)), hide_index=True, width="stretch")
     for read in new:
         _details(read)
+
+
+def _show_fetch(report: FetchReport) -> None:
+    st.success(f"Checked {report.cases_checked} case(s): {len(report.new_reads)} new read(s).")
+    if report.unmatched:
+        st.warning(f"{report.unmatched} read(s) belong to studies the de-identification mapping does not "
+                   "know; they are not shown.")
+    if report.unretrieved:
+        st.warning(f"{report.unretrieved} report(s) listed by the server could not be downloaded; "
+                   "they are tried again at the next check.")
 
 
 def _details(read: InboxRead) -> None:

@@ -54,14 +54,18 @@ class NamedBuffer(Protocol):
 
 @dataclass
 class SharedModel:
-    """The analyzer of one model/variant/thread count, shared by every session, and its lock.
+    """The analyzer of one model/variant/thread count, shared by every session, and the analysis lock.
 
     The lock makes analyses take turns: two at once would only share the same cores
-    and both finish late.
+    and both finish late, holding two volumes in memory. It is one lock for every
+    model, so sessions that chose different variants or thread counts take turns too.
     """
 
     analyzer: Analyzer
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=lambda: ANALYSIS_LOCK)
+
+
+ANALYSIS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -245,8 +249,7 @@ def write_uploads(files: Sequence[NamedBuffer]) -> PrepareInputs:
             name = safe_upload_name(upload.name)
             target = dest / name
             if target.exists():  # two uploads with the same name: keep both
-                target = dest / str(number) / name
-                target.parent.mkdir()
+                target = Path(tempfile.mkdtemp(prefix="duplicate-", dir=dest)) / name  # a fresh folder, whatever the names
             with open(target, "wb") as out:
                 out.write(upload.getbuffer())
             paths.append(target)

@@ -77,7 +77,8 @@ def _server() -> None:
                 f"**Token**: {_secret_line(settings.token, ENV_TOKEN)}")
     st.caption("Put credentials in the environment (TELERAD_USER, TELERAD_PASSWORD or TELERAD_TOKEN) or in "
                ".streamlit/secrets.toml under the same names. They are never shown here.")
-    st.text_input("Password for this session only (not saved)", type="password", key=SESSION_PASSWORD_KEY)
+    st.text_input("Password for this session only (not saved)", type="password", key=SESSION_PASSWORD_KEY,
+                  persist_state="session")  # kept when the user moves on to Analyze or the Outbox
 
     if st.button("Test connection", key="test_connection"):
         with st.spinner("Contacting the server…"):

@@ -62,12 +62,14 @@ def reader_panel() -> None:
     name, _ = reader_identity()
     settings = reader_settings()
     with st.expander("Reader and connection", expanded=not name):
-        st.text_input("Your name as it signs reports (Family^Given)", key=READER_NAME_KEY, placeholder="Curie^Marie")
-        st.text_input("Reading organisation", key=READER_ORGANIZATION_KEY)
+        st.text_input("Your name as it signs reports (Family^Given)", key=READER_NAME_KEY, placeholder="Curie^Marie",
+                      persist_state="session")
+        st.text_input("Reading organisation", key=READER_ORGANIZATION_KEY, persist_state="session")
         password_key = f"{READER_ENV_PREFIX}PASSWORD"
         st.markdown(f"**Server**: {settings.url or '(not set)'}  \n**Reader user**: {settings.user or '(not set)'}  \n"
                     f"**Password**: {masked(settings.password)} ({_password_source(settings, password_key)})")
-        st.text_input("Reader password for this session only (not saved)", type="password", key=READER_PASSWORD_KEY)
+        st.text_input("Reader password for this session only (not saved)", type="password", key=READER_PASSWORD_KEY,
+                      persist_state="session")
         st.caption(f"Set the reader's own credentials in {READER_ENV_PREFIX}URL / {READER_ENV_PREFIX}USER / "
                    f"{READER_ENV_PREFIX}PASSWORD (environment or .streamlit/secrets.toml) or in the \"reader\" "
                    "object of the settings file.")
