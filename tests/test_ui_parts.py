@@ -267,7 +267,7 @@ def test_summary_is_one_a4_page(shared_model, positive_zip):
     job = AnalysisJob("ct.zip", copy_of(positive_zip), shared_model).start()
     job.wait(WAIT_S)
     (series, result), = job.outcome.studies
-    pdf = build_summary(series, result, "pdf", "ct.zip")
+    pdf = build_summary(series, result, "pdf")
     assert pdf.startswith(b"%PDF") and pdf.count(b"/Type /Page ") == 1  # one page (plus "/Type /Pages")
     png = Image.open(io.BytesIO(build_summary(series, result, "png")))
     assert png.size == (1240, 1753)  # A4 at 150 dpi

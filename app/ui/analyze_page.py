@@ -206,7 +206,7 @@ def _downloads(job: AnalysisJob, series: Series, result: StudyResult) -> None:
                        mime="application/json", key="download_json", on_click="ignore", width="stretch")
     for fmt, mime in FORMATS.items():
         st.download_button(f"Download summary ({fmt.upper()})", key=f"download_{fmt}", mime=mime,
-                           data=lambda fmt=fmt: build_summary(series, result, fmt, job.source),
+                           data=lambda fmt=fmt: build_summary(series, result, fmt),
                            file_name=f"myeloma-ct-summary.{fmt}", on_click="ignore", width="stretch")
 
 

@@ -59,8 +59,8 @@ def _draw_key_images(fig: Figure, bottom: float, height: float, series: Series, 
         ax.set_title(f"slice {index + 1}  z {s.z_mm:.1f} mm  p {s.probability:.2f}", fontsize=7)
 
 
-def build_summary(series: Series, result: StudyResult, fmt: str = "pdf", source: str = "") -> bytes:
-    """The one-page summary as PDF or PNG bytes."""
+def build_summary(series: Series, result: StudyResult, fmt: str = "pdf") -> bytes:
+    """The one-page summary as PDF or PNG bytes (not the upload's file names: exports often name the patient)."""
     if fmt not in FORMATS:
         raise ValueError(f"summary format must be one of {sorted(FORMATS)}, not {fmt!r}")
     fig = Figure(figsize=A4_INCHES)
@@ -74,7 +74,7 @@ def build_summary(series: Series, result: StudyResult, fmt: str = "pdf", source:
         f"Study probability: {result.probability:.1%} (threshold {result.threshold:.1%})",
         f"Study Instance UID: {result.study_instance_uid}",
         f"Series Instance UID: {result.series_instance_uid}",
-        f"Slices analysed: {len(result.slices)}" + (f"   Input: {source}" if source else ""),
+        f"Slices analysed: {len(result.slices)}",
         _model_line(result),
         f"Generated: {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
     ]
