@@ -463,6 +463,10 @@ def test_outbox_lists_cases_and_retries(app_env, tmp_path):
     assert list(at.dataframe[0].value["Case"]) == [case_id]
     at.button(key="retry_now").click().run()
     assert_friendly(at)
+    assert shown(at.info, "in the background")  # the page stays usable while it sends
+    assert at.session_state["outbox_retry"].wait(TIMEOUT_S)
+    at.run()
+    assert_friendly(at)
     assert "unreachable" in shown(at.warning, "still queued")
     assert list(at.dataframe[0].value["Tries"]) == [1]
 

@@ -1,4 +1,5 @@
-"""'Forward for review' in the background: queue the case in the outbox, then try to deliver it.
+"""'Forward for review' and the Outbox's 'Retry now' in the background: queue the case in the
+outbox (forward only), then try to deliver it.
 
 Building the SR and key images, de-identifying and sending a 300-slice study takes from
 seconds to minutes on a clinic's uplink; the page must stay usable meanwhile. The case is
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Self
 
 from app.domain import AppError, Series, StudyResult
 from app.forward import CaseOutcome, enqueue_case, open_outbox, open_pseudonyms, retry_now
@@ -24,22 +26,19 @@ UNEXPECTED_ERROR = ("An unexpected error stopped forwarding. If the case was que
                     "the technical details are in the app log.")
 
 
-class ForwardTask:
-    """One case: enqueue, then one delivery attempt (with the client's retries), in a daemon thread."""
+class _DeliveryTask:
+    """One delivery attempt (with the client's retries) in a daemon thread; the page polls ``finished``."""
 
-    def __init__(self, series: Series, result: StudyResult, settings: ServerSettings, keep_alive: object) -> None:
-        self._series = series
-        self._result = result
+    def __init__(self, settings: ServerSettings) -> None:
         self._settings = settings.require_url()
-        self._keep_alive = keep_alive  # owner of series.files (the analysis job)
         self.destination = self._settings.url
         self.case_id: str | None = None
         self.outcome: CaseOutcome | None = None
         self.error: str | None = None
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ui-forward", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="ui-delivery", daemon=True)
 
-    def start(self) -> ForwardTask:
+    def start(self) -> Self:
         self._thread.start()
         return self
 
@@ -50,17 +49,47 @@ class ForwardTask:
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
 
+    def _deliver(self) -> None:
+        raise NotImplementedError
+
     def _run(self) -> None:
+        try:
+            self._deliver()
+        except AppError as exc:
+            self.error = str(exc)
+        except Exception:
+            log.exception("delivery failed")
+            self.error = UNEXPECTED_ERROR
+        finally:
+            self._done.set()
+
+
+class ForwardTask(_DeliveryTask):
+    """One case: enqueue, then one delivery attempt."""
+
+    def __init__(self, series: Series, result: StudyResult, settings: ServerSettings, keep_alive: object) -> None:
+        super().__init__(settings)
+        self._series = series
+        self._result = result
+        self._keep_alive = keep_alive  # owner of series.files (the analysis job)
+
+    def _deliver(self) -> None:
         try:
             with open_outbox() as outbox, open_pseudonyms() as pseudonyms:
                 self.case_id = enqueue_case(self._series, self._result, self._settings, outbox, pseudonyms)
                 self._keep_alive = None  # the outbox holds its own copies now
                 self.outcome = retry_now(self.case_id, self._settings, outbox)
-        except AppError as exc:
-            self.error = str(exc)
-        except Exception:
-            log.exception("forwarding failed")
-            self.error = UNEXPECTED_ERROR
         finally:
             self._keep_alive = None
-            self._done.set()
+
+
+class RetryTask(_DeliveryTask):
+    """The Outbox page's "Retry now" of one queued case, so the page stays usable while it sends."""
+
+    def __init__(self, case_id: str, settings: ServerSettings) -> None:
+        super().__init__(settings)
+        self.case_id = case_id
+
+    def _deliver(self) -> None:
+        with open_outbox() as outbox:
+            self.outcome = retry_now(self.case_id, self._settings, outbox)

@@ -10,9 +10,13 @@ import time
 import pandas as pd
 import streamlit as st
 
-from app.forward import open_outbox, retry_now
-from app.outbox import CaseInfo, CaseState, Outbox
+from app.forward import open_outbox
+from app.outbox import CaseInfo, CaseState
+from app.ui.forwarding import RetryTask
 from app.ui.state import friendly_errors, server_settings
+
+RETRY_KEY = "outbox_retry"  # the running RetryTask of this session
+RETRY_POLL_S = 1.0
 
 
 def _when(t: float | None) -> str:
@@ -43,14 +47,21 @@ def render() -> None:
 
 
 def _page() -> None:
+    task: RetryTask | None = st.session_state.get(RETRY_KEY)
+    if task is not None and task.finished:
+        st.session_state.pop(RETRY_KEY)
+        _retry_outcome(task)
+        task = None
     with open_outbox() as outbox:
         queued = outbox.cases(state=CaseState.QUEUED)
-        if queued:
+        if queued and task is None:
             labels = {c.case_id: f"{c.case_id} - {c.summary}" for c in queued}
             case_id = st.selectbox("Queued case", list(labels), format_func=labels.__getitem__, key="outbox_case")
             if st.button("Retry now", key="retry_now", type="primary"):
-                _retry(case_id, outbox)
-        cases = outbox.cases()  # after a retry: the table shows its effect
+                task = st.session_state[RETRY_KEY] = RetryTask(case_id, server_settings()).start()
+        cases = outbox.cases()
+    if task is not None:
+        _retry_progress(task)
     if not cases:
         st.info("The outbox is empty. Use 'Forward for review' on a result to send a case.")
         return
@@ -59,11 +70,20 @@ def _page() -> None:
     st.dataframe(case_rows(cases), hide_index=True, width="stretch")
 
 
-def _retry(case_id: str, outbox: Outbox) -> None:
-    with st.spinner("Sending…"):
-        outcome = retry_now(case_id, server_settings(), outbox)
-    if outcome.delivered:
-        st.success(f"Case {case_id} delivered: {outcome.expected} objects confirmed by the server.")
+@st.fragment(run_every=RETRY_POLL_S)
+def _retry_progress(task: RetryTask) -> None:
+    if task.finished:
+        st.rerun()  # the whole page shows the outcome and the new table
+    st.info(f"Sending case {task.case_id} to {task.destination} in the background; you can keep working.",
+            icon=":material/cloud_upload:")
+
+
+def _retry_outcome(task: RetryTask) -> None:
+    outcome = task.outcome
+    if task.error or outcome is None:
+        st.error(f"Case {task.case_id}: {task.error or 'no outcome'}. It stays in the outbox.")
+    elif outcome.delivered:
+        st.success(f"Case {task.case_id} delivered: {outcome.expected} objects confirmed by the server.")
     else:
-        st.warning(f"Case {case_id} is still queued ({outcome.confirmed}/{outcome.expected} on the "
+        st.warning(f"Case {task.case_id} is still queued ({outcome.confirmed}/{outcome.expected} on the "
                    f"server): {outcome.error or 'not confirmed yet'}")
