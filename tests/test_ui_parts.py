@@ -337,3 +337,13 @@ def test_the_app_never_imports_tensorflow():
 def test_analyses_take_turns_whatever_model_or_thread_count_a_session_chose():
     # Settings' Apply makes a second cached model; its analyses must not run beside the first one's.
     assert SharedModel(object()).lock is SharedModel(object()).lock
+
+
+def test_a_job_whose_temp_files_cannot_be_deleted_still_ends(shared_model, monkeypatch):
+    def undeletable(self):
+        raise PermissionError("busy")
+
+    monkeypatch.setattr(AnalysisJob, "cleanup", undeletable)
+    job = AnalysisJob("notes.txt", write_uploads([NamedBytes("notes.txt", b"not DICOM")]), shared_model).start()
+    assert job.wait(WAIT_S) and job.finished  # the page's progress loop would otherwise spin for ever
+    assert job.outcome.studies == [] and job.outcome.message

@@ -211,11 +211,15 @@ class AnalysisJob:
             log.exception("analysis job failed")
             outcome = JobOutcome([], [], message=UNEXPECTED_ERROR)
         outcome.elapsed_s = time.perf_counter() - started
-        if not outcome.studies:
-            self.cleanup()
-        with self._status_lock:
-            self._status = JobStatus("done", 1, 1)
-        self.outcome = outcome
+        try:
+            if not outcome.studies:
+                self.cleanup()
+        except OSError:
+            log.warning("the analysis job's temp files could not all be deleted", exc_info=True)
+        finally:  # whatever happens, the job ends: the page waits for ``outcome``
+            with self._status_lock:
+                self._status = JobStatus("done", 1, 1)
+            self.outcome = outcome
 
 
 def shown_errors(errors: Sequence[InputError], input_dir: Path, work_dir: Path) -> list[InputError]:
