@@ -2,7 +2,7 @@
 
 ``fetch_reads(client, outbox, pseudonyms, inbox)`` looks (QIDO-RS, one query per case) for new
 SRs in the studies of the cases the outbox delivered to this server in the last
-``lookback_days``, fetches them (WADO-RS), keeps the verified reads (``app.reads``) and records
+``lookback_days`` (and of cases still queued but partly on the server), fetches them (WADO-RS), keeps the verified reads (``app.reads``) and records
 each in the local inbox database together with the patient it belongs to: the pseudonymous study
 is mapped back through the de-identification mapping (``app.deid.PseudonymStore``); a case sent
 with identity needs no mapping. The inbox database stays at the clinic, like the mapping.

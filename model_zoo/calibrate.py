@@ -1,4 +1,4 @@
-"""Calibrate a trained model's probabilities on the validation split, inside its weights.
+"""Calibrate a trained model's probabilities on its calibration split, inside its weights.
 
     python -m model_zoo.calibrate --model NAME_OR_PATH [--cache DIR]
 
@@ -7,7 +7,8 @@ bone that looks a little like a lesion, so the top slices of negative studies sc
 high too (model 1.2.0 before calibration: test ECE 0.39, most negative studies above
 0.8). Platt scaling of the slice logits fixes the scale: every slice logit z becomes
 ``slope * z + intercept``, fitted so that the study probability (the card's aggregation
-of the slice probabilities) has the least log-loss on the validation split. The order of
+of the slice probabilities) has the least log-loss on the calibration split: the training
+config's ``data.calibration``, else its validation split. The order of
 the slices is kept; the order of the studies too with ``max`` aggregation, and nearly
 with ``top_k_mean`` (a mean of sigmoids can change order when the slope changes;
 model 1.2.0's validation AUC went 0.7906 -> 0.7901).
@@ -21,7 +22,7 @@ The fit targets study labels, so it is the study probability that is calibrated;
 probabilities share its scale.
 
 Writes the calibrated ``model.keras`` into the model folder, chooses the threshold again
-on validation (same rule as training), records the map and the validation ECE before and
+on the same split (same rule as training), records the map and the validation ECE before and
 after in ``card.training["calibration"]``, and drops the card's TFLite variants, which
 were made from the old weights: run ``python -m quantize`` and ``python -m
 model_zoo.evaluate --update-card`` next. ``model_zoo.train`` calibrates every model it saves.

@@ -4,8 +4,8 @@
 
 MODEL is a registry name, a model folder or its card.json; the folder must hold the
 float Keras model named in the card. RECIPE is a name in quantize/recipes/ (default,
-tiny) or a path to a recipe JSON. The run prunes, runs QAT and pruning-preserving
-QAT, converts every variant of the recipe, evaluates each on the held-out split
+release, release_fast, tiny) or a path to a recipe JSON. The run prunes, runs QAT and
+pruning-preserving QAT, converts every variant of the recipe, evaluates each on the held-out split
 through LiteRT, and writes into the model folder (or --out DIR, with a card of its
 own): model_<variant>.tflite, card.json (variants, hashes, default variant and
 why), report.md and compression.png. Same recipe + seed + model = same files.

@@ -16,6 +16,8 @@ import datetime
 import logging
 import os
 import platform
+import shutil
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -139,33 +141,42 @@ def compress(card: ModelCard, recipe: Recipe, sources: DataSources, out_dir: Pat
     models, layers, losses = _trained_models(float_model, recipe, sources)
     sparsity_of = {source: prunable_sparsity(rows) for source, rows in layers.items()}
 
-    files: dict[str, Path] = {}
-    for name in recipe.variants:
-        spec = VARIANTS[name]
-        flatbuffer = export.convert(models[spec.source], card.contract.input_shape, spec.converter, spec.io_dtype,
-                                    sources.representative, sparse_storage=spec.sparse_storage)
-        files[name] = export.write_tflite(flatbuffer, folder / variant_file(name), card.contract)
-    sparsity = {name: sparsity_of[VARIANTS[name].source] for name in files}
-    metrics = _measure(files, card, recipe, sources, sparsity)
+    # Everything is made in a staging folder and moved in just before the card is written, so a run
+    # that fails part-way leaves the model folder as it was (its files still match its card).
+    staging = Path(tempfile.mkdtemp(prefix=".quantize-", dir=folder))
+    try:
+        staged: dict[str, Path] = {}
+        for name in recipe.variants:
+            spec = VARIANTS[name]
+            flatbuffer = export.convert(models[spec.source], card.contract.input_shape, spec.converter, spec.io_dtype,
+                                        sources.representative, sparse_storage=spec.sparse_storage)
+            staged[name] = export.write_tflite(flatbuffer, staging / variant_file(name), card.contract)
+        sparsity = {name: sparsity_of[VARIANTS[name].source] for name in staged}
+        metrics = _measure(staged, card, recipe, sources, sparsity)
 
-    default, reason = report.choose_default(metrics, recipe.selection)
-    acceptance = report.check_acceptance(metrics, recipe.acceptance) if recipe.acceptance else None
-    variants = {
-        name: Variant(file=variant_file(name), kind=metrics[name]["kind"], recipe=recipe.name, sparsity=metrics[name]["sparsity"],
-                      io_dtype=metrics[name]["io_dtype"], metrics=metrics[name],
-                      notes=f"{VARIANTS[name].describe()}; seed {recipe.seed}")
-        for name in files
-    }
-    target = _record(target, card, variants, default, reason, _provenance(recipe, card))
-    plot_path = report.plot(metrics, folder / report.PLOT_FILE, recipe.selection.latency_threads)
-    report_path = report.write_report(
-        folder / report.REPORT_FILE, header=_header(card, recipe, metrics), metrics=metrics,
-        threads=recipe.evaluation.threads, default=(default, reason), acceptance=acceptance,
-        acceptance_variant=recipe.acceptance.variant if recipe.acceptance else None,
-        layers={k: [r.to_json() for r in v] for k, v in layers.items() if k in ("pruned", "pqat")}, losses=losses,
-        plot_file=plot_path.name)
+        default, reason = report.choose_default(metrics, recipe.selection)
+        acceptance = report.check_acceptance(metrics, recipe.acceptance) if recipe.acceptance else None
+        variants = {
+            name: Variant(file=variant_file(name), kind=metrics[name]["kind"], recipe=recipe.name,
+                          sparsity=metrics[name]["sparsity"], io_dtype=metrics[name]["io_dtype"], metrics=metrics[name],
+                          notes=f"{VARIANTS[name].describe()}; seed {recipe.seed}")
+            for name in staged
+        }
+        plot_path = report.plot(metrics, staging / report.PLOT_FILE, recipe.selection.latency_threads)
+        report.write_report(
+            staging / report.REPORT_FILE, header=_header(card, recipe, metrics), metrics=metrics,
+            threads=recipe.evaluation.threads, default=(default, reason), acceptance=acceptance,
+            acceptance_variant=recipe.acceptance.variant if recipe.acceptance else None,
+            layers={k: [r.to_json() for r in v] for k, v in layers.items() if k in ("pruned", "pqat")}, losses=losses,
+            plot_file=plot_path.name)
+        for made in staging.iterdir():
+            os.replace(made, folder / made.name)
+        target = _record(target, card, variants, default, reason, _provenance(recipe, card))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    files = {name: folder / variant_file(name) for name in staged}
     log.info("default variant: %s", reason)
-    return RunResult(folder, target, metrics, default, reason, acceptance, report_path, files)
+    return RunResult(folder, target, metrics, default, reason, acceptance, folder / report.REPORT_FILE, files)
 
 
 def _record(target: ModelCard, source: ModelCard, variants: dict[str, Variant], default: str, reason: str,

@@ -466,3 +466,29 @@ def test_chain_report_lists_every_variant_with_measured_numbers(chain):
     assert "not prunable: tfmot skips DepthwiseConv2D" in text
     assert (folder / "compression.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((folder / "card.json").read_text())["default_variant"] == card.default_variant
+
+
+@pytest.mark.tf
+@pytest.mark.slow
+def test_a_run_that_fails_part_way_leaves_the_model_folder_as_it_was(chain, micro_cache, tmp_path, monkeypatch):
+    import dataclasses
+
+    from quantize import pipeline
+    from quantize.sources import phantom_sources
+
+    folder = copy_folder(chain[0], tmp_path / "model")
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    card = load_card(folder)
+    # int8 calibrated on other samples than the chain's: a file with other bytes than the one in the folder
+    recipe = dataclasses.replace(load_recipe("tiny"), variants=("float32", "int8"), acceptance=None,
+                                 representative_samples=4)
+
+    def measuring_fails(*args, **kwargs):
+        raise RuntimeError("the machine ran out of memory while measuring")
+
+    monkeypatch.setattr(pipeline, "_measure", measuring_fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pipeline.compress(card, recipe, phantom_sources(card, recipe, micro_cache))
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before  # no staging folder, no new file
+    for variant in load_card(folder).variants.values():
+        load_card(folder).verify(variant.file)  # still matches its card
