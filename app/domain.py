@@ -12,6 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+# Temp folders of an analysis (uploads, extracted archives): the app's and the CLI's. They hold patient
+# images; ``app.launch`` removes ones a killed process left behind.
+UI_WORK_DIR_PREFIX, CLI_WORK_DIR_PREFIX = "myeloma-ui-", "myeloma-ct-"
+
 TRIAGE_POSITIVE = "Suspicious for lytic lesions: forward for review"
 TRIAGE_NEGATIVE = "No lytic lesion detected"
 

@@ -38,7 +38,7 @@ from typing import TypeVar
 import numpy as np
 
 from app.analysis import AnalysisError, build_study_result
-from app.domain import AppError, Series, StudyResult
+from app.domain import CLI_WORK_DIR_PREFIX, AppError, Series, StudyResult
 from app.ingest import IngestLimits, InputError, PendingSeries, plan_ingest
 from app.runtime import LoadedModel, load_model
 from model_zoo.contract import InputContract, analysed_slices, model_input, resample_inplane
@@ -541,7 +541,7 @@ def analyze_cli(args) -> int:
     results: list[StudyResult] = []
     errors: list[InputError] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="myeloma-ct-") as workdir:
+        with tempfile.TemporaryDirectory(prefix=CLI_WORK_DIR_PREFIX) as workdir:
             for series, result in iter_study_analyses(args.inputs, analyzer, Path(workdir), errors, progress=bars):
                 results.append(result)
                 if heatmap_dir is None:

@@ -34,7 +34,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 from app.cli import EXIT_OK, EXIT_QUEUED
 from app.deid import PSEUDONYM_DB, PseudonymStore, StudyDeidentifier
 from app.dicomweb import AuthenticationFailed, DicomWebClient, DicomWebError
-from app.domain import AppError, Series, StudyResult
+from app.domain import CLI_WORK_DIR_PREFIX, AppError, Series, StudyResult
 from app.outbox import CaseInfo, CaseState, ItemKind, ItemState, Outbox, OutboxBusy, OutboxError, OutboxItem
 from app.results_dicom import build_results
 from app.settings import ServerSettings, app_data_dir, resolve_settings
@@ -256,7 +256,7 @@ def forward_cli(args) -> int:
     settings = resolve_settings(server=args.server, user=args.user,
                                 deidentify=False if args.no_deidentify else None).require_url()
     analyzer = Analyzer(args.model, args.variant, args.threads)
-    with tempfile.TemporaryDirectory(prefix="myeloma-ct-") as workdir, open_outbox() as outbox, \
+    with tempfile.TemporaryDirectory(prefix=CLI_WORK_DIR_PREFIX) as workdir, open_outbox() as outbox, \
             open_pseudonyms() as pseudonyms:
         pairs, errors = analyze_paths([args.input], analyzer, Path(workdir))
         if args.json:

@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from app.domain import AppError
+from app.domain import CLI_WORK_DIR_PREFIX, UI_WORK_DIR_PREFIX, AppError
 from app.ui import MODEL_ENV, THREADS_ENV, VARIANT_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +50,26 @@ def app_environment(model: str | None = None, variant: str | None = None, thread
             env[key] = str(value)
     env.setdefault("MPLBACKEND", "Agg")
     return env
+
+
+STALE_WORK_DIR_S = 24 * 3600  # older than any analysis or forward still running
+
+
+def remove_stale_work_dirs(root: Path | None = None, max_age_s: float = STALE_WORK_DIR_S) -> int:
+    """Delete analysis temp folders (patient images) that a killed app or CLI left in ``root``
+    (default: the system temp folder): this user's, untouched for ``max_age_s``. Returns how many."""
+    root = Path(root or tempfile.gettempdir())
+    removed = 0
+    for folder in root.glob("myeloma-*"):
+        try:
+            info = folder.lstat()
+        except OSError:
+            continue
+        if (folder.name.startswith((UI_WORK_DIR_PREFIX, CLI_WORK_DIR_PREFIX)) and stat.S_ISDIR(info.st_mode)
+                and info.st_uid == os.getuid() and time.time() - info.st_mtime > max_age_s):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {loaded.card.name} {loaded.card.version} ({loaded.variant}) verified", file=sys.stderr)
     if args.check:
         return EXIT_OK
+    if removed := remove_stale_work_dirs():
+        print(f"removed {removed} temp folder(s) of analyses that ended without cleaning up", file=sys.stderr)
     del loaded  # the app loads its own copy, once, in the server process
     print(f"Myeloma CT app: http://{args.address}:{args.port}  (Ctrl-C stops it)", file=sys.stderr)
     env = app_environment(args.model, args.variant, args.threads)

@@ -347,3 +347,19 @@ def test_a_job_whose_temp_files_cannot_be_deleted_still_ends(shared_model, monke
     job = AnalysisJob("notes.txt", write_uploads([NamedBytes("notes.txt", b"not DICOM")]), shared_model).start()
     assert job.wait(WAIT_S) and job.finished  # the page's progress loop would otherwise spin for ever
     assert job.outcome.studies == [] and job.outcome.message
+
+
+def test_launch_removes_only_stale_analysis_folders(tmp_path):
+    from app.launch import STALE_WORK_DIR_S, remove_stale_work_dirs
+
+    old = time.time() - STALE_WORK_DIR_S - 60
+    stale_ui, stale_cli = tmp_path / "myeloma-ui-abc", tmp_path / "myeloma-ct-def"
+    fresh, other = tmp_path / "myeloma-ui-running", tmp_path / "myeloma-other-old"
+    for folder in (stale_ui, stale_cli, fresh, other):
+        (folder / "input").mkdir(parents=True)
+        (folder / "input" / "IM0001").write_bytes(b"patient images")
+    for folder in (stale_ui, stale_cli, other):
+        os.utime(folder, (old, old))
+    assert remove_stale_work_dirs(tmp_path) == 2
+    assert not stale_ui.exists() and not stale_cli.exists()
+    assert fresh.exists() and other.exists()  # an analysis in progress; not ours

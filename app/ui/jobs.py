@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePath
 from typing import Protocol
 
-from app.domain import AppError, Series, StudyResult
+from app.domain import UI_WORK_DIR_PREFIX, AppError, Series, StudyResult
 from app.engine import AnalysisCancelled, Analyzer, analyze_paths
 from app.ingest import IngestLimits, InputError, PendingSeries
 from model_zoo.card import ModelCard
@@ -143,7 +143,7 @@ class AnalysisJob:
         self._status_lock = threading.Lock()
         # Holds uploads and extracted files; the result's Series.files point here, so it lives as
         # long as the job (forwarding reads them). Removed on cleanup() or garbage collection.
-        self._workdir = tempfile.TemporaryDirectory(prefix="myeloma-ui-")
+        self._workdir = tempfile.TemporaryDirectory(prefix=UI_WORK_DIR_PREFIX)
         self.root = Path(self._workdir.name)
         self.outcome: JobOutcome | None = None
         self._thread = threading.Thread(target=self._run, name="ui-analysis", daemon=True)
