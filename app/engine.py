@@ -377,7 +377,7 @@ def iter_study_analyses(
             yield outcome
     for skipped in plan.result.skipped:
         log.info("not analysed: %s: %s", skipped.path, skipped.error)
-    errors.extend(list(plan.result.errors) + failures)
+    errors.extend([*plan.result.errors, *failures])
 
 
 def analyze_paths(

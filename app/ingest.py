@@ -427,25 +427,17 @@ def _padding_range(ds: Dataset, bits_allocated: int, signed: bool) -> tuple[int,
     Both are stored values of the pixels' own representation, whatever VR a writer gave
     them: -2000 written as SS in unsigned data means 63536.
     """
-    def stored(keyword: str) -> int | None:
-        elem = ds.get_item(_TAGS[keyword])
-        if elem is None or elem.value in (None, b""):
-            return None
-        if isinstance(elem.value, bytes):  # raw "US or SS" (implicit VR): two bytes
-            if len(elem.value) != 2:
-                raise ValueError(keyword)
-            value = struct.unpack("<H" if elem.is_little_endian else ">H", elem.value)[0]
-        else:
-            value = int(_values(elem.value)[0])
+    def stored(value: int) -> int:
         value %= 1 << bits_allocated
         return value - (1 << bits_allocated) if signed and value >= 1 << (bits_allocated - 1) else value
 
-    low = stored("PixelPaddingValue")
-    if low is None:
+    elem = ds.get_item(_TAGS["PixelPaddingValue"])
+    if elem is None or elem.value in (None, b""):
         return None
-    high = stored("PixelPaddingRangeLimit")
-    high = low if high is None else high
-    return min(low, high), max(low, high)
+    low = _us(ds, "PixelPaddingValue")  # a raw "US or SS" (implicit VR) reads as unsigned; stored() fixes the sign
+    high = _us(ds, "PixelPaddingRangeLimit", default=low)
+    first, last = sorted((stored(low), stored(high)))
+    return first, last
 
 
 def _check_pixel_description(rows: int, cols: int, bits: int, frames: int, samples: int, photometric: str,

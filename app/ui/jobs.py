@@ -16,9 +16,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from app.domain import UI_WORK_DIR_PREFIX, AppError, Series, StudyResult
 from app.engine import AnalysisCancelled, Analyzer, analyze_paths
@@ -62,10 +62,7 @@ class SharedModel:
     """
 
     analyzer: Analyzer
-    lock: threading.Lock = field(default_factory=lambda: ANALYSIS_LOCK)
-
-
-ANALYSIS_LOCK = threading.Lock()
+    lock: ClassVar[threading.Lock] = threading.Lock()
 
 
 @dataclass(frozen=True)
