@@ -23,7 +23,8 @@ output (--json):
   {"studies": [one object per analysed study], "errors": [{"path": ..., "error": ...}]}
   study: study_instance_uid, series_instance_uid, probability (study level, mean of the
   card's top-k slice probabilities), positive (probability >= threshold), threshold,
-  model {name, version, sha256, variant}, slices [{sop_instance_uid, z_mm, probability}],
+  model {name, version, sha256, variant}, slices [{sop_instance_uid, z_mm, probability,
+  interpolated: true (only on slices between the analysed ones of a thin-slice series)}],
   findings [{slice_start, slice_end (inclusive, 0-based in the sorted series), z_start_mm,
   z_end_mm, peak_slice, peak_sop_instance_uid, peak_probability, center_px [row, col],
   bbox_px [row0, col0, row1, col1] (inclusive, original pixels of the peak slice)}],
@@ -34,7 +35,8 @@ output (--json):
 
 exit codes:
   0  at least one study was analysed (problems with other inputs are in "errors")
-  2  no study was analysed, or the model is missing/corrupt; one-line reason on stderr
+  2  no study was analysed, the model is missing/corrupt, or the --json destination cannot
+     be written; one-line reason on stderr
   130 interrupted
 
 example:

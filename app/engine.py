@@ -375,6 +375,7 @@ def iter_study_analyses(
             result.timing_s["read"] += share
             result.timing_s["total"] += share
             yield outcome
+            del outcome, series, result  # or this study's pixels would live on while the next one is analysed
     for skipped in plan.result.skipped:
         log.info("not analysed: %s: %s", skipped.path, skipped.error)
     errors.extend([*plan.result.errors, *failures])

@@ -11,17 +11,23 @@ Encoders: RLE, JPEG-LS and JPEG 2000 come from pydicom's ``Dataset.compress``
 Lossless or JPEG Baseline for DICOM, so JPEG Lossless SV1 is encoded by the small
 encoder below and JPEG Baseline by Pillow's JPEG writer. JPEG Extended (12-bit
 lossy) has no encoder here and is not covered.
+
+``dciodvfy_report`` / ``dciodvfy_errors`` run dicom3tools' validator on a written
+file (a missing validator fails the test: ``make test`` installs it).
 """
 
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
@@ -282,6 +288,20 @@ def non_image_dataset(sop_class: str, modality: str, study: str = "study-1") -> 
     ds.PatientName = "Test^Patient"
     ds.PatientID = "TEST-0001"
     return ds
+
+
+def dciodvfy_report(path: Path) -> str:
+    """What dciodvfy says about ``path``; fails the calling test when the validator is missing."""
+    binary = shutil.which("dciodvfy")
+    if binary is None:
+        pytest.fail("dciodvfy is required (Debian package dicom3tools; make debs)", pytrace=False)
+    run = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=60)
+    return run.stdout + run.stderr
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The validator's "Error" lines for ``path``."""
+    return [line for line in dciodvfy_report(path).splitlines() if "Error" in line]
 
 
 def with_changes(spec: CTSeriesSpec, **changes: object) -> CTSeriesSpec:

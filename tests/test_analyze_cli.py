@@ -285,14 +285,22 @@ def test_a_reader_that_closes_stdout_gets_no_traceback(inputs, tiny_model, tmp_p
 def test_studies_are_analysed_one_at_a_time_without_holding_earlier_pixels(inputs, tiny_model, tmp_path):
     root, _, _ = inputs
     errors: list = []
+    first_pixels = None
+    held_while_analysing_the_second: list[bool] = []
+
+    def progress(stage: str, _done: int, _total: int) -> None:
+        if stage == "analyze" and first_pixels is not None:
+            gc.collect()
+            held_while_analysing_the_second.append(first_pixels() is not None)
+
     studies = iter_study_analyses([root / "positive", root / "negative"], Analyzer(str(tiny_model), threads=1),
-                                  tmp_path / "work", errors)
+                                  tmp_path / "work", errors, progress)
     first_series, first_result = next(studies)
-    pixels = weakref.ref(first_series.hu)
+    first_pixels = weakref.ref(first_series.hu)
     del first_series
-    _, second_result = next(studies)  # the first study's pixels went when the consumer let go of them
-    gc.collect()
-    assert pixels() is None
+    _, second_result = next(studies)
+    # The first study's pixels went as soon as the consumer let go of them, before the second was analysed.
+    assert held_while_analysing_the_second and not any(held_while_analysing_the_second)
     assert next(studies, None) is None and errors == []
     assert {first_result.series_instance_uid, second_result.series_instance_uid} == {
         s.series_uid for s in inputs[1:]}

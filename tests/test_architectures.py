@@ -8,10 +8,9 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import tensorflow_model_optimization as tfmot  # noqa: E402 - required (requirements.txt): a broken install fails
+import tf_keras  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
-
-tf_keras = pytest.importorskip("tf_keras")
-tfmot = pytest.importorskip("tensorflow_model_optimization")
 
 from model_zoo.architectures import ARCHITECTURES, HardSigmoid, HardSwish, build_model, custom_objects  # noqa: E402
 

@@ -2,7 +2,15 @@ import json
 
 import pytest
 
-from model_zoo.card import ModelCard, ModelError, Variant, load_card, resolve_model
+from model_zoo.card import (
+    MODELS_DIR,
+    ModelCard,
+    ModelError,
+    Variant,
+    default_model_name,
+    load_card,
+    resolve_model,
+)
 from model_zoo.contract import InputContract
 
 
@@ -76,3 +84,23 @@ def test_an_unreadable_card_is_a_model_error(tmp_path):
     (tmp_path / "card.json").mkdir()
     with pytest.raises(ModelError, match="cannot be read"):
         load_card(tmp_path)
+
+
+SHIPPED_CARDS = sorted(MODELS_DIR.glob("*/card.json"))
+
+
+def test_the_registry_names_a_shipped_model():
+    assert SHIPPED_CARDS, f"no model is shipped under {MODELS_DIR}"
+    assert resolve_model(None).name == default_model_name()
+
+
+@pytest.mark.parametrize("card_file", SHIPPED_CARDS, ids=[p.parent.name for p in SHIPPED_CARDS])
+def test_every_shipped_model_file_matches_its_card(card_file):
+    card = load_card(card_file.parent)
+    expected = {card.keras_file} | {v.file for v in card.variants.values()}
+    assert set(card.files) == expected  # every file the card uses is hashed, and nothing else
+    assert card.default_variant in card.variants
+    for relative in card.files:
+        card.verify(relative)  # raises on a missing file or a different sha256
+    for variant in card.variants.values():
+        assert variant.sha256 == card.files[variant.file]

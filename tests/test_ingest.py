@@ -161,6 +161,23 @@ def test_rescale_slope_and_intercept_are_applied_per_slice(tmp_path):
     assert series.hu[:, 0, 1].max() == round(32767 * 0.5 - 1000)
 
 
+def test_each_slice_keeps_its_own_rescale(tmp_path):
+    """Slices of one series may carry different slope and intercept (some scanners do): none borrows another's."""
+    written = write_series(tmp_path / "in", CTSeriesSpec())
+    expected = np.empty_like(written.hu)
+    for i, path in enumerate(written.paths):
+        ds = pydicom.dcmread(path)
+        ds.RescaleSlope, ds.RescaleIntercept = (0.5, 1.0)[i % 2], -1000.0 - 7.0 * i
+        ds.save_as(path)
+        expected[i] = np.clip(np.rint(ds.pixel_array * ds.RescaleSlope + ds.RescaleIntercept), -32768, 32767)
+    first_slice_rule = np.clip(np.rint(pydicom.dcmread(written.paths[0]).pixel_array * 0.5 - 1000.0), -32768, 32767)
+    assert not np.array_equal(expected[1], first_slice_rule)  # the test tells the two rules apart
+
+    series = only_series(run(tmp_path, tmp_path / "in"))
+
+    np.testing.assert_array_equal(series.hu, expected[written.order])
+
+
 def test_hu_is_clipped_to_int16(tmp_path):
     # Stored -32768 with intercept -1024 is -33792 HU: outside int16, so it must clip, not wrap.
     written = write_series(tmp_path / "in", CTSeriesSpec())

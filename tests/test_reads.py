@@ -7,8 +7,9 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pydicom
 import pytest
+from dicom_factory import dciodvfy_errors
 from forward_helpers import make_study_result
-from worklist_helpers import CLINIC_SITE, ORGANIZATION, RADIOLOGIST, dciodvfy_errors, patient_series
+from worklist_helpers import CLINIC_SITE, ORGANIZATION, RADIOLOGIST, patient_series
 
 from app.ai_result import NotAnAIResult, parse_ai_sr
 from app.deid import PseudonymStore, StudyDeidentifier

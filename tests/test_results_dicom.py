@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import shutil
-import subprocess
-from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -23,6 +20,7 @@ from app.results_dicom import (
     build_results,
     overlay_rgb,
 )
+from tests.dicom_factory import dciodvfy_errors
 from tests.forward_helpers import MODEL, make_study_result, write_ct_series
 
 
@@ -39,14 +37,6 @@ def positive(series):
 
 def _report(sr: pydicom.Dataset) -> hd.sr.MeasurementReport:
     return hd.sr.MeasurementReport.from_sequence([hd.sr.Comprehensive3DSR.from_dataset(sr)])
-
-
-def _dciodvfy_errors(path: Path) -> list[str]:
-    binary = shutil.which("dciodvfy")
-    if binary is None:
-        pytest.fail("dciodvfy is required (Debian package dicom3tools; make debs)", pytrace=False)
-    run = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
 
 
 def test_sr_states_the_study_level_finding_probability_and_threshold(positive):
@@ -187,7 +177,7 @@ def test_every_object_passes_dciodvfy_without_errors(series, positive, tmp_path,
     for i, ds in enumerate(datasets):
         path = tmp_path / f"object_{i}.dcm"
         ds.save_as(path, enforce_file_format=True)
-        assert _dciodvfy_errors(path) == [], f"{ds.Modality} object {i} does not validate"
+        assert dciodvfy_errors(path) == [], f"{ds.Modality} object {i} does not validate"
 
 
 @pytest.mark.parametrize(("charset", "name"), [

@@ -77,18 +77,45 @@ def test_keras_inference_gives_what_predict_gives_in_any_batch_size(tiny_run):
         np.testing.assert_allclose(got[1], expected[1], atol=1e-5)
 
 
-def test_training_pipeline_matches_the_numpy_contract(tiny_run):
-    """The tf.data path without augmentation yields exactly the contract's tensor."""
-    from model_zoo.contract import model_input
-    from model_zoo.data import make_example
-    from model_zoo.dataset import load_split, split_specs
+def test_training_and_the_app_engine_give_the_same_tensor(tiny_run):
+    """One phantom through the training path and through the app's streaming engine: same tensor (<= 1e-5).
 
-    cfg, _card, root = tiny_run
+    Training: ``prepare_study`` (render, resample the whole volume) -> ``make_training_pair``
+    (no augmentation, whole slice) -> the tf.data stream. App: the rendered HU in chunks through
+    ``resampled_chunks`` -> ``model_input_batches``, as ``analyze`` runs them. (The training cache
+    stores the resampled HU as int16 and the DICOM files the raw HU: each rounds by 0.5 HU at
+    most, on purpose; this test compares the two code paths on the same HU.)
+    """
+    from app.engine import model_input_batches, resampled_chunks
+    from model_zoo.data import make_train_dataset, make_training_pair
+    from model_zoo.dataset import prepare_study, split_specs
+    from model_zoo.phantoms.generator import render_study, sample_study_spec
+
+    cfg, _card, _root = tiny_run
     contract = InputContract.from_dict(cfg["contract"])
-    study = load_split(split_specs(cfg)["val"], contract, root / "cache")[0]
-    whole = model_input(study.resampled_hu, study.z_mm, study.z_mm, contract)  # what the app computes
-    for k in (0, len(study.z_mm) // 2, len(study.z_mm) - 1):
-        assert np.max(np.abs(make_example(study, k, contract) - whole[k])) <= 1e-5
+    split = split_specs(cfg)["train"]
+    for index in range(split.studies):  # the training stream needs lesion and lesion-free slices
+        prepared = prepare_study(split.seed, index, split.slices, False, contract)
+        if {0, 1} <= set(prepared.slice_labels.tolist()):
+            break
+    else:
+        pytest.fail("no training study of the tiny config has both lesion and lesion-free slices")
+    rendered = render_study(sample_study_spec(split.seed, index, n_slices=split.slices))
+    spacing = (float(rendered.pixel_spacing_mm),) * 2
+    chunks = (rendered.hu[i:i + 5] for i in range(0, len(rendered.hu), 5))
+    app = {}
+    for indices, batch in model_input_batches(resampled_chunks(chunks, spacing, contract), rendered.z_mm, contract, 3):
+        app.update(zip(indices.tolist(), batch, strict=True))
+    assert sorted(app) == list(range(split.slices))
+
+    rng = np.random.default_rng(0)
+    for k in range(split.slices):
+        x, _mask = make_training_pair(prepared, k, contract, None, rng)
+        assert np.abs(x - app[k]).max() <= 1e-5, k
+    streamed = next(iter(make_train_dataset([prepared], contract, 8, None, seed=5, crop=None)))[0].numpy()
+    for x in streamed:
+        assert min(np.abs(x - a).max() for a in app.values()) <= 1e-5
+    assert len({np.argmin([np.abs(x - a).max() for a in app.values()]) for x in streamed}) > 1  # not one slice 8 times
 
 
 def test_lesion_cells_weigh_more_in_the_cam_loss():

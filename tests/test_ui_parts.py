@@ -334,9 +334,29 @@ def test_the_app_never_imports_tensorflow():
     assert done.stdout.strip() == "[]"
 
 
-def test_analyses_take_turns_whatever_model_or_thread_count_a_session_chose():
-    # Settings' Apply makes a second cached model; its analyses must not run beside the first one's.
-    assert SharedModel(object()).lock is SharedModel(object()).lock
+def test_analyses_take_turns_whatever_model_or_thread_count_a_session_chose(shared_model, positive_zip, monkeypatch):
+    # Settings' Apply makes a second cached model (another SharedModel); its analyses must not run
+    # beside the first one's.
+    analyze_pending = shared_model.analyzer.analyze_pending
+    running: list[int] = []
+    at_once: list[int] = []
+
+    def slow(pending, **kwargs):
+        running.append(1)
+        at_once.append(len(running))
+        time.sleep(0.5)  # long enough for the other job to reach the model without the lock
+        try:
+            return analyze_pending(pending, **kwargs)
+        finally:
+            running.pop()
+
+    monkeypatch.setattr(shared_model.analyzer, "analyze_pending", slow)
+    jobs = [AnalysisJob("ct.zip", copy_of(positive_zip), SharedModel(shared_model.analyzer)).start() for _ in range(2)]
+    assert all(job.wait(WAIT_S) for job in jobs)
+    assert at_once == [1, 1]
+    assert all(len(job.outcome.studies) == 1 for job in jobs)
+    for job in jobs:
+        job.cleanup()
 
 
 def test_a_job_whose_temp_files_cannot_be_deleted_still_ends(shared_model, monkeypatch):

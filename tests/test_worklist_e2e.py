@@ -8,6 +8,7 @@ them in one navigation); what reaches the server is checked directly with QIDO-R
 from __future__ import annotations
 
 import pytest
+from dicom_factory import dciodvfy_errors
 from orthanc_helpers import orthanc_factory  # noqa: F401 - fixture
 from streamlit.testing.v1 import AppTest
 from worklist_helpers import (
@@ -16,7 +17,6 @@ from worklist_helpers import (
     RADIOLOGIST,
     READER_PASSWORD,
     TELERAD_APP,
-    dciodvfy_errors,
     forward,
     patient_series,
     start_telerad,

@@ -4,20 +4,16 @@
 - ``Telerad``: one Orthanc with a clinic user and a reader user, the clinic's app data folder
   and the environment both roles read (``telerad_env``);
 - ``forward``: what the clinic's "Forward for review" does (enqueue + deliver), returning the
-  study UID as the server knows it;
-- ``dciodvfy_errors``: the "Error" lines of dicom3tools' validator (a missing tool fails the test).
+  study UID as the server knows it.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pydicom
-import pytest
 from forward_helpers import make_study_result, write_ct_series
 
 from app.dicomweb import DicomWebClient
@@ -97,10 +93,3 @@ def forward_analysed(series: Series, result: StudyResult, data_dir: Path) -> str
         assert report.outcome(case_id).delivered, report.outcome(case_id)
         return outbox.case(case_id).study_uid
 
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    binary = shutil.which("dciodvfy")
-    if binary is None:
-        pytest.fail("dciodvfy is required (Debian package dicom3tools; make debs)", pytrace=False)
-    run = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
