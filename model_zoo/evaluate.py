@@ -97,6 +97,11 @@ def parse_splits(text: str, card: ModelCard) -> list[SplitSpec]:
     return specs
 
 
+def _number(value: float | None) -> str:
+    """A metric for the table; None where it is undefined (e.g. specificity of a split without negatives)."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def plot_curves(results: dict[str, tuple[list[dict], np.ndarray]], reports: dict, out_dir: Path) -> None:
     import matplotlib
 
@@ -107,7 +112,7 @@ def plot_curves(results: dict[str, tuple[list[dict], np.ndarray]], reports: dict
     fig, ax = plt.subplots(figsize=(5, 5))
     for name, (truths, probs) in results.items():
         fpr, tpr, _ = roc_curve([int(t["positive"]) for t in truths], probs)
-        ax.plot(fpr, tpr, label=f"{name} (AUC {reports[name]['auc']['value']:.3f})")
+        ax.plot(fpr, tpr, label=f"{name} (AUC {_number(reports[name]['auc']['value'])})")
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="Study-level ROC")
     ax.legend(loc="lower right")
@@ -119,7 +124,7 @@ def plot_curves(results: dict[str, tuple[list[dict], np.ndarray]], reports: dict
     for name in results:
         bins = reports[name]["calibration"]["bins"]
         ax.plot([b["mean_probability"] for b in bins], [b["observed_rate"] for b in bins], "o-",
-                label=f"{name} (ECE {reports[name]['calibration']['ece']:.3f})")
+                label=f"{name} (ECE {_number(reports[name]['calibration']['ece'])})")
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set(xlabel="predicted study probability", ylabel="observed fraction positive", title="Reliability")
     ax.legend(loc="upper left")
@@ -132,12 +137,13 @@ def format_table(reports: dict) -> str:
     rows = ["| split | studies (pos) | AUC [95% CI] | sensitivity | specificity | ECE |", "|---|---|---|---|---|---|"]
     for name, r in reports.items():
         auc = r["auc"]
-        rows.append(f"| {name} | {r['n_studies']} ({r['n_positive']}) | {auc['value']:.3f} "
-                    f"[{auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}] | {r['sensitivity']['value']:.3f} | "
-                    f"{r['specificity']['value']:.3f} | {r['calibration']['ece']:.3f} |")
+        low, high = auc.get("ci95") or (None, None)
+        rows.append(f"| {name} | {r['n_studies']} ({r['n_positive']}) | {_number(auc['value'])} "
+                    f"[{_number(low)}, {_number(high)}] | {_number(r['sensitivity']['value'])} | "
+                    f"{_number(r['specificity']['value'])} | {_number(r['calibration']['ece'])} |")
     for name, r in reports.items():
-        sizes = ", ".join(f"{k}: {v['value']:.2f} (n={v['n']})" for k, v in r["sensitivity_by_largest_lesion_mm"].items())
-        negs = ", ".join(f"{k}: {v['value']:.2f} (n={v['n']})" for k, v in r["specificity_by_hard_negative"].items())
+        sizes = ", ".join(f"{k}: {_number(v['value'])} (n={v['n']})" for k, v in r["sensitivity_by_largest_lesion_mm"].items())
+        negs = ", ".join(f"{k}: {_number(v['value'])} (n={v['n']})" for k, v in r["specificity_by_hard_negative"].items())
         rows.append(f"\n{name}: sensitivity by largest lesion: {sizes}\n{name}: specificity by hard negative: {negs}")
     return "\n".join(rows)
 
@@ -152,7 +158,10 @@ def evaluate(card: ModelCard, splits: list[SplitSpec], predict: SlicePredictor,
             truths.append(study.truth)
             probs.append(study_probability_of(study, card, predict))
         results[split.name] = (truths, np.asarray(probs))
-        reports[split.name] = study_report(truths, probs, card.threshold)
+        try:
+            reports[split.name] = study_report(truths, probs, card.threshold)
+        except ValueError as exc:  # e.g. a split whose studies are all of one class
+            raise ValueError(f"split {split.name!r} cannot be scored: {exc}") from exc
         log.info("%s: %d studies in %.0f s", split.name, len(truths), time.time() - t0)
     return results, reports
 
@@ -174,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    results, reports = evaluate(card, splits, predict, args.cache)
+    try:
+        results, reports = evaluate(card, splits, predict, args.cache)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out_dir = args.out or card.path_of("evaluation")
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = {"model": card.name, "version": card.version, "variant": variant, "splits": reports}
