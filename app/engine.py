@@ -415,6 +415,16 @@ def _analyze_study(analyzer: Analyzer, pending: PendingSeries, progress: SlicePr
 # --- the `analyze` command ------------------------------------------------------------
 
 
+def _terminal_size() -> tuple[int, int]:
+    """(columns, lines) of the terminal on stderr. A terminal that reports 0 x 0 (serial consoles,
+    a bare pty) would make tqdm hide its bar, so it counts as 80 x 24."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return 80, 24
+    return size.columns or 80, size.lines or 24
+
+
 class _ProgressBars:
     """tqdm bars on stderr, one per stage, only when stderr is a terminal."""
 
@@ -434,8 +444,9 @@ class _ProgressBars:
             for other in self._bars.values():
                 other.close()
             unit = "file" if stage == "read" else "slice"
+            columns, lines = _terminal_size()
             bar = self._bars[stage] = tqdm(total=total, desc=self.LABELS.get(stage, stage), unit=unit,
-                                           file=sys.stderr, leave=False)
+                                           file=sys.stderr, leave=False, ncols=columns, nrows=lines)
         bar.total = total
         bar.update(done - bar.n)
 

@@ -304,3 +304,58 @@ def test_studies_are_analysed_one_at_a_time_without_holding_earlier_pixels(input
     assert next(studies, None) is None and errors == []
     assert {first_result.series_instance_uid, second_result.series_instance_uid} == {
         s.series_uid for s in inputs[1:]}
+
+
+def test_the_threads_option_reaches_the_interpreter(inputs, tiny_model, tmp_path, monkeypatch):
+    import model_zoo.litert
+    from app.cli import main
+
+    interpreter = model_zoo.litert._interpreter_class()
+    asked: list[int] = []
+
+    def recording(**kwargs):
+        asked.append(kwargs["num_threads"])
+        return interpreter(**kwargs)
+
+    monkeypatch.setattr(model_zoo.litert, "_interpreter_class", lambda: recording)
+    root, _, _ = inputs
+    out = tmp_path / "result.json"
+    assert main(["analyze", str(root / "positive"), "--json", str(out), "--model", str(tiny_model), "--threads", "3"]) == 0
+    assert asked == [3]
+    assert len(json.loads(out.read_text())["studies"]) == 1
+
+
+def test_a_terminal_sees_progress_bars_and_the_json_stays_clean(inputs, tiny_model, tmp_path):
+    import pty
+    import threading
+
+    root, _, _ = inputs
+    primary, secondary = pty.openpty()
+    shown: list[bytes] = []
+
+    def read_terminal() -> None:  # drained while the command runs, so a full terminal buffer cannot block it
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # the command closed the terminal
+                return
+            if not chunk:
+                return
+            shown.append(chunk)
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    try:
+        with subprocess.Popen([sys.executable, "-m", "app.cli", "analyze", str(root / "positive"), "--json", "-",
+                               "--model", str(tiny_model), "--threads", "1"], cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                              stderr=secondary) as proc:
+            os.close(secondary)
+            stdout, _ = proc.communicate(timeout=300)
+        reader.join(timeout=30)
+    finally:
+        os.close(primary)
+    assert proc.returncode == 0
+    terminal = b"".join(shown).decode(errors="replace")
+    assert "reading DICOM" in terminal and "analysing slices" in terminal and "Traceback" not in terminal
+    assert len(json.loads(stdout)["studies"]) == 1  # the bars went to the terminal, not into the JSON

@@ -104,3 +104,26 @@ def test_every_shipped_model_file_matches_its_card(card_file):
         card.verify(relative)  # raises on a missing file or a different sha256
     for variant in card.variants.values():
         assert variant.sha256 == card.files[variant.file]
+
+
+def _phase_configs(training: dict) -> list[dict]:
+    """The training configs of a card's phase and of every phase before it."""
+    configs = []
+    while training:
+        configs.append(training["config"])
+        training = training.get("previous_phase")
+    return configs
+
+
+@pytest.mark.parametrize("card_file", SHIPPED_CARDS, ids=[p.parent.name for p in SHIPPED_CARDS])
+def test_no_phase_of_a_shipped_model_saw_its_held_out_studies(card_file):
+    """Test and external studies (drawn from their own seeds) never fed training, epoch choice or calibration."""
+    card = load_card(card_file.parent)
+    configs = _phase_configs(card.training)
+    fitted = {split["seed"] for cfg in configs for name, split in cfg["data"].items() if name not in ("test", "external")}
+    assert fitted, "the card records no training data"
+    for cfg in configs:
+        held_out = [cfg["data"][name]["seed"] for name in ("test", "external") if name in cfg["data"]]
+        assert held_out and not set(held_out) & fitted
+        assert len(set(held_out)) == len(held_out)
+    assert {cfg["data"]["test"]["seed"] for cfg in configs} == {configs[0]["data"]["test"]["seed"]}
