@@ -26,14 +26,29 @@ def test_tiny_training_reduces_loss_and_writes_a_card(tiny_run):
     assert json.loads((root / "model" / "card.json").read_text())["training"]["seed"] == cfg["training"]["seed"]
 
 
-def test_resume_continues_from_the_checkpoint(tiny_run, tmp_path):
+def test_resume_continues_from_the_checkpoint(tiny_run, tmp_path, monkeypatch):
+    import tf_keras
+
     from model_zoo.train import train
 
     cfg, card, root = tiny_run
     cfg = dict(cfg, training=dict(cfg["training"], epochs=cfg["training"]["epochs"] + 1))
     run = tmp_path / "run"
     shutil.copytree(root / "run", run)  # the shared run stays as the first training left it
+    fit = tf_keras.Model.fit
+    started_from_last_weights = []
+
+    def checked_fit(self, *args, **kwargs):  # are the weights training resumes with those the first run ended with?
+        resumed_weights = self.get_weights()
+        self.load_weights(str(root / "run" / "last.weights.h5"))
+        started_from_last_weights.append(all(np.array_equal(a, b) for a, b in zip(
+            resumed_weights, self.get_weights(), strict=True)))
+        self.set_weights(resumed_weights)
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(tf_keras.Model, "fit", checked_fit)
     resumed = train(cfg, tmp_path / "model", run, resume=True, max_minutes=None, cache_root=root / "cache")
+    assert started_from_last_weights == [True]
     # Only the one extra epoch ran: the first three came from the checkpoint.
     assert len(resumed.training["epoch_losses"]) == 1
     assert resumed.training["epochs_run"] == cfg["training"]["epochs"]
