@@ -16,6 +16,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -157,8 +158,13 @@ def _may_have_reads(case: CaseInfo, since: float) -> bool:
 
 
 def fetch_reads(client: DicomWebClient, outbox: Outbox, pseudonyms: PseudonymStore, inbox: Inbox,
-                lookback_days: float = LOOKBACK_DAYS) -> FetchReport:
-    """Fetch the reads of recently forwarded cases (see ``_may_have_reads``) that the inbox does not have yet."""
+                lookback_days: float = LOOKBACK_DAYS,
+                on_new_read: Callable[[InboxRead], None] | None = None) -> FetchReport:
+    """Fetch the reads of recently forwarded cases (see ``_may_have_reads``) that the inbox does not have yet.
+
+    ``on_new_read`` is called for each read as it is stored (e.g. the audit entry), so a fetch
+    that fails part-way has still accounted for the reads it stored: they are not new next time.
+    """
     report = FetchReport()
     since = time.time() - lookback_days * 86400
     cases = [c for c in outbox.cases(destination=client.base_url) if _may_have_reads(c, since)]
@@ -202,5 +208,7 @@ def fetch_reads(client: DicomWebClient, outbox: Outbox, pseudonyms: PseudonymSto
             if inbox.add(entry):
                 report.new_reads.append(entry)
                 known.add(sop)
+                if on_new_read is not None:
+                    on_new_read(entry)
     log.info("inbox: checked %d case(s), %d new read(s)", report.cases_checked, len(report.new_reads))
     return report

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -105,7 +106,16 @@ class ModelCard:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         path = folder / CARD_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        # Written beside and renamed over: an interrupted save leaves the old card, never half a card.
+        partial = path.with_name(f".{CARD_FILE}.{os.getpid()}.tmp")
+        try:
+            with open(partial, "w") as f:
+                f.write(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
         return path
 
     # --- files and hashes ----------------------------------------------

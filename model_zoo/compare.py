@@ -38,6 +38,7 @@ from model_zoo.evaluate import (
     predictor,
     study_probability_of,
 )
+from model_zoo.litert import LiteRTError
 from model_zoo.metrics import Interval, auc_with_ci, paired_auc_difference
 
 log = logging.getLogger("model_zoo.compare")
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             names.append(_label(card, variant))
         splits = parse_splits(args.data, models[0][0])
         rows = [compare_split(split, models, args.cache) for split in splits]
-    except (ModelError, ValueError) as exc:
+    except (ModelError, LiteRTError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_table(*names, rows))

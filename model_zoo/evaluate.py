@@ -31,6 +31,7 @@ from model_zoo.aggregation import study_probability
 from model_zoo.card import ModelCard, ModelError, resolve_model
 from model_zoo.contract import iter_input_batches
 from model_zoo.dataset import DEFAULT_CACHE, PreparedStudy, SplitSpec, iter_split, split_specs
+from model_zoo.litert import LiteRTError
 from model_zoo.metrics import study_report
 
 log = logging.getLogger("model_zoo.evaluate")
@@ -88,8 +89,13 @@ def parse_splits(text: str, card: ModelCard) -> list[SplitSpec]:
         if "=" in item:
             name, rest = item.split("=", 1)
             parts = rest.split(":")
-            specs.append(SplitSpec(name, int(parts[0]), int(parts[1]),
-                                   int(parts[2]) if len(parts) > 2 else 48, len(parts) > 3 and parts[3] == "external"))
+            try:
+                if not 2 <= len(parts) <= 4 or len(parts) == 4 and parts[3] != "external":
+                    raise ValueError
+                specs.append(SplitSpec(name, int(parts[0]), int(parts[1]), int(parts[2]) if len(parts) > 2 else 48,
+                                       len(parts) == 4))
+            except ValueError:
+                raise ModelError(f"data split {item!r} is not NAME=SEED:N[:K[:external]]") from None
         elif item in known:
             specs.append(known[item])
         else:
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         card = resolve_model(args.model)
         splits = parse_splits(args.data, card)
         variant, predict = predictor(card, args.variant, args.threads)
-    except ModelError as exc:
+    except (ModelError, LiteRTError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:

@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelError, RecipeError, LiteRTError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
+    except OSError as exc:  # e.g. a model folder this user cannot write to
+        print(f"error: {exc.filename or 'the model folder'}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -138,13 +138,13 @@ def compress(card: ModelCard, recipe: Recipe, sources: DataSources, out_dir: Pat
     target = _output_card(card, out_dir)
     folder = Path(target.folder)
     folder.mkdir(parents=True, exist_ok=True)
-    models, layers, losses = _trained_models(float_model, recipe, sources)
-    sparsity_of = {source: prunable_sparsity(rows) for source, rows in layers.items()}
-
     # Everything is made in a staging folder and moved in just before the card is written, so a run
-    # that fails part-way leaves the model folder as it was (its files still match its card).
+    # that fails part-way leaves the model folder as it was (its files still match its card). Made
+    # first: a folder the run cannot write to shows now, not after the fine-tuning.
     staging = Path(tempfile.mkdtemp(prefix=".quantize-", dir=folder))
     try:
+        models, layers, losses = _trained_models(float_model, recipe, sources)
+        sparsity_of = {source: prunable_sparsity(rows) for source, rows in layers.items()}
         staged: dict[str, Path] = {}
         for name in recipe.variants:
             spec = VARIANTS[name]
@@ -169,9 +169,10 @@ def compress(card: ModelCard, recipe: Recipe, sources: DataSources, out_dir: Pat
             acceptance_variant=recipe.acceptance.variant if recipe.acceptance else None,
             layers={k: [r.to_json() for r in v] for k, v in layers.items() if k in ("pruned", "pqat")}, losses=losses,
             plot_file=plot_path.name)
+        target = _current_card(target, card)  # refuses before anything is moved in
         for made in staging.iterdir():
             os.replace(made, folder / made.name)
-        target = _record(target, card, variants, default, reason, _provenance(recipe, card))
+        target = _record(target, variants, default, reason, _provenance(recipe, card))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     files = {name: folder / variant_file(name) for name in staged}
@@ -179,20 +180,25 @@ def compress(card: ModelCard, recipe: Recipe, sources: DataSources, out_dir: Pat
     return RunResult(folder, target, metrics, default, reason, acceptance, folder / report.REPORT_FILE, files)
 
 
-def _record(target: ModelCard, source: ModelCard, variants: dict[str, Variant], default: str, reason: str,
-            provenance: dict) -> ModelCard:
-    """Write this run's variants into the card on disk, keeping what others wrote there meanwhile.
+def _current_card(target: ModelCard, source: ModelCard) -> ModelCard:
+    """The card to record this run in, as it is on disk now; refuses if the Keras model changed.
 
     A run takes a while; the model's own card.json may have gained evaluation metrics
-    in between, so it is re-read and only the compression fields are replaced. If the
-    Keras model itself changed, the variants no longer belong to it: refuse.
+    in between, so it is re-read. If the Keras model itself changed, the variants no
+    longer belong to it.
     """
-    if target is source:
-        target = load_card(source.folder)
-        keras = source.keras_file
-        source.verify(keras)  # the file is still the one this run started from (raises otherwise)
-        if target.files.get(keras) != source.files.get(keras):
-            raise ModelError(f"{keras} of {source.name!r} changed during the compression run; run it again on the new model")
+    if target is not source:
+        return target
+    current = load_card(source.folder)
+    keras = source.keras_file
+    source.verify(keras)  # the file is still the one this run started from (raises otherwise)
+    if current.files.get(keras) != source.files.get(keras):
+        raise ModelError(f"{keras} of {source.name!r} changed during the compression run; run it again on the new model")
+    return current
+
+
+def _record(target: ModelCard, variants: dict[str, Variant], default: str, reason: str, provenance: dict) -> ModelCard:
+    """Write this run's variants into ``target`` (see ``_current_card``): only the compression fields change."""
     target.variants = variants
     target.default_variant, target.default_variant_reason = default, reason
     target.metrics = {**target.metrics, "compression": provenance}

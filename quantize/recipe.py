@@ -213,19 +213,44 @@ def _build(cls, data: dict, where: str):
     unknown = sorted(set(data) - known)
     if unknown:
         raise RecipeError(f"{where}: unknown keys {unknown}; known: {', '.join(sorted(known))}")
+    for f in dataclasses.fields(cls):  # a "0.01" for 0.01 would only fail after hours of fine-tuning
+        if f.name in data and not _same_kind(data[f.name], f.default):
+            kind = {bool: "true or false", float: "a number", int: "an integer", str: "a string"}[type(f.default)]
+            raise RecipeError(f"{where}: {f.name} must be {kind}, got {data[f.name]!r}")
     return cls(**data)
+
+
+def _same_kind(value: object, default: object) -> bool:
+    """Is ``value`` fit for a field whose default is ``default``? (Only scalar defaults are checked; an int may be a float.)"""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    return True
 
 
 def recipe_from_dict(data: dict, path: str = "", sha256: str = "") -> Recipe:
     if "name" not in data:
         raise RecipeError(f"recipe {path or '<dict>'} has no 'name'")
     data = dict(data)
-    if isinstance(data.get("evaluation"), dict) and "threads" in data["evaluation"]:
-        data["evaluation"] = {**data["evaluation"], "threads": tuple(data["evaluation"]["threads"])}
+    where = f"recipe {data['name']!r}"
+    evaluation = data.get("evaluation")
+    if isinstance(evaluation, dict) and "threads" in evaluation:
+        if not isinstance(evaluation["threads"], list):
+            raise RecipeError(f"{where}: evaluation.threads must be a list of thread counts")
+        data["evaluation"] = {**evaluation, "threads": tuple(evaluation["threads"])}
     for key, cls in _SECTIONS.items():
+        if key in data and data[key] is None and key != "acceptance":  # only acceptance is optional
+            raise RecipeError(f"{where} section {key!r} must be a JSON object, not null")
         if data.get(key) is not None:
-            data[key] = _build(cls, data[key], f"recipe {data['name']!r} section {key!r}")
+            data[key] = _build(cls, data[key], f"{where} section {key!r}")
     if "variants" in data:
+        if not isinstance(data["variants"], list):
+            raise RecipeError(f"{where}: variants must be a list of variant names")
         data["variants"] = tuple(data["variants"])
     try:
         recipe = dataclasses.replace(_build(Recipe, data, f"recipe {data['name']!r}"), path=path, sha256=sha256)

@@ -127,3 +127,20 @@ def test_no_phase_of_a_shipped_model_saw_its_held_out_studies(card_file):
         assert held_out and not set(held_out) & fitted
         assert len(set(held_out)) == len(held_out)
     assert {cfg["data"]["test"]["seed"] for cfg in configs} == {configs[0]["data"]["test"]["seed"]}
+
+
+def test_an_interrupted_save_leaves_the_previous_card(tmp_path, monkeypatch):
+    import model_zoo.card
+
+    card = _card(tmp_path)
+    before = (tmp_path / "card.json").read_text()
+    card.threshold = 0.123
+
+    def interrupted(*_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model_zoo.card.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        card.save()
+    assert (tmp_path / "card.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["card.json", "m.tflite"]  # no partial file left

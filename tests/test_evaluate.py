@@ -58,6 +58,15 @@ def test_evaluate_writes_the_report_updates_the_card_and_reproduces_it(model, tm
 def test_an_unknown_split_or_model_is_a_one_line_error(model, tmp_path, capsys):
     assert main(["--model", str(model), "--data", "test"]) == 2  # the tiny card has no training config
     assert capsys.readouterr().err.startswith("error: unknown data split 'test'")
+    for malformed in ("x=13", "x=13:a", "x=13:4:12:internal", "x=1:2:3:external:5"):
+        assert main(["--model", str(model), "--data", malformed]) == 2
+        assert capsys.readouterr().err == f"error: data split {malformed!r} is not NAME=SEED:N[:K[:external]]\n"
+    (model / "model_float32.tflite").write_bytes(b"not a flatbuffer")
+    model_card = load_card(model)
+    model_card.record_hashes()
+    model_card.save()  # a listed file LiteRT cannot load
+    assert main(["--model", str(model), "--data", DATA]) == 2
+    assert "cannot load TFLite model" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "nowhere"), "--data", DATA]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1

@@ -62,6 +62,11 @@ def test_default_recipe_matches_the_issue():
         ({"name": "x", "variants": ["float32"], "acceptance": {"variant": "pqat_int8"}}, "not built"),
         ({"description": "no name"}, "no 'name'"),
         ({"name": "x", "evaluation": {"threads": [1]}, "selection": {"latency_threads": 2}}, "latency_threads 2"),
+        ({"name": "x", "qat": None}, "section 'qat' must be a JSON object, not null"),
+        ({"name": "x", "evaluation": {"threads": 2}}, "evaluation.threads must be a list"),
+        ({"name": "x", "variants": "float32"}, "variants must be a list"),
+        ({"name": "x", "selection": {"max_auc_drop": "0.01"}}, "max_auc_drop must be a number, got '0.01'"),
+        ({"name": "x", "seed": 1.5}, "seed must be an integer"),
     ],
 )
 def test_invalid_recipes_are_explained(data, message):
@@ -197,7 +202,7 @@ def test_out_dir_gets_a_card_of_its_own(micro_folder, tmp_path):
 @pytest.mark.tf
 def test_recording_keeps_what_others_wrote_and_refuses_a_replaced_model(micro_folder, tmp_path):
     from model_zoo.card import ModelError, Variant
-    from quantize.pipeline import _record
+    from quantize.pipeline import _current_card, _record
 
     folder = copy_folder(micro_folder, tmp_path / "model")
     (folder / "model_float32.tflite").write_bytes(b"stand-in")
@@ -206,13 +211,13 @@ def test_recording_keeps_what_others_wrote_and_refuses_a_replaced_model(micro_fo
     meanwhile.metrics["test"] = {"auc": 0.9}
     meanwhile.save()
     variants = {"float32": Variant(file="model_float32.tflite", kind="float32")}
-    saved = _record(card, card, variants, "float32", "only one", {"recipe": "tiny"})
+    saved = _record(_current_card(card, card), variants, "float32", "only one", {"recipe": "tiny"})
     assert saved.metrics["test"] == {"auc": 0.9} and saved.metrics["compression"] == {"recipe": "tiny"}
     assert load_card(folder).variants["float32"].sha256 == sha256_file(folder / "model_float32.tflite")
 
     (folder / "model.keras").write_bytes(b"retrained")
     with pytest.raises(ModelError, match="does not match its card"):
-        _record(card, card, variants, "float32", "only one", {})
+        _current_card(card, card)
 
 
 @pytest.mark.tf

@@ -24,6 +24,7 @@ from ui_helpers import TRIAGE_LABELS, block_series_zip, free_port, phantom_zip, 
 
 from app.engine import Analyzer, analyze_paths, results_json
 from app.ui import BANNER, PAGE_SCRIPTS
+from app.ui.telerad import CLINIC_USER_KEY
 
 MAIN = Path(__file__).resolve().parents[1] / "app" / "ui" / "main.py"
 TIMEOUT_S = 90
@@ -472,9 +473,10 @@ def test_outbox_lists_cases_and_retries(app_env, tmp_path):
 
 
 
-def test_inbox_keeps_showing_the_reads_it_has_when_the_server_is_down(app_env, tmp_path):
+def test_inbox_keeps_showing_the_reads_it_has_when_the_server_is_down(app_env, tmp_path, monkeypatch):
     from datetime import UTC, datetime
 
+    import app.ui.inbox_page
     from app.forward import open_outbox
     from app.inbox import InboxRead, open_inbox
     from app.outbox import ItemKind
@@ -488,9 +490,16 @@ def test_inbox_keeps_showing_the_reads_it_has_when_the_server_is_down(app_env, t
                         Agreement.AGREE, Urgency.URGENT, True, "Lytic lesion", ())
     with open_inbox(app_env) as inbox:
         inbox.add(InboxRead(report, "case-1", "1.2.3", "PID-7", "suspicious", 0.0, None, None))
+    checks = []
+    fetch_reads = app.ui.inbox_page.fetch_reads
+    monkeypatch.setattr(app.ui.inbox_page, "fetch_reads", lambda *a, **k: (checks.append(1), fetch_reads(*a, **k))[1])
     at = start_app()
     at.switch_page("page_scripts/inbox.py").run()
+    assert len(checks) == 1 and shown(at.caption, "Automatic check failed")
+    at.text_input(key=CLINIC_USER_KEY).input("Nurse Joy").run()
+    assert len(checks) == 1  # a failed automatic check waits its interval: clicks are not held up by the network
     at.button(key="inbox_check").click().run()
+    assert len(checks) == 2
     assert_friendly(at)
     assert shown(at.error, "Could not check for new reads")
     assert list(at.dataframe[0].value["Patient ID"]) == ["PID-7"]  # the urgent read already here stays visible

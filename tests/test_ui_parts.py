@@ -383,3 +383,28 @@ def test_launch_removes_only_stale_analysis_folders(tmp_path):
     assert remove_stale_work_dirs(tmp_path) == 2
     assert not stale_ui.exists() and not stale_cli.exists()
     assert fresh.exists() and other.exists()  # an analysis in progress; not ours
+
+
+def test_a_read_interrupted_while_saving_is_not_sent_again_but_a_failed_one_may_be():
+    from streamlit.runtime.scriptrunner_utils.exceptions import RerunException
+
+    from app.ui.case_page import send_once
+
+    saves: list[str] = []
+
+    def interrupted():  # the radiologist clicked while the read was being stored
+        saves.append("interrupted")
+        raise RerunException(None)
+
+    def failed():
+        saves.append("failed")
+        raise ConnectionError("server unreachable")
+
+    sent: set = set()
+    with pytest.raises(RerunException):
+        send_once(sent, ("study-1", "agree"), interrupted)
+    assert send_once(sent, ("study-1", "agree"), lambda: saves.append("again")) is False  # the rerun sends nothing
+    with pytest.raises(ConnectionError):
+        send_once(sent, ("study-2", "agree"), failed)
+    assert send_once(sent, ("study-2", "agree"), lambda: saves.append("retry")) is True
+    assert saves == ["interrupted", "failed", "retry"]

@@ -178,6 +178,13 @@ def test_one_report_the_server_will_not_return_does_not_hold_back_the_others(tmp
         assert f"{broken}.99" not in inbox.known()  # asked for again next time
         with pytest.raises(ServerUnavailable):  # the server itself failing still stops the check
             fetch_reads(ReportsServer({broken: ServerUnavailable("down")}), outbox, pseudonyms, inbox)
+        with Inbox(tmp_path / "fresh.sqlite") as fresh:  # the server goes down after some reads were stored
+            stored: list[str] = []
+            with pytest.raises(ServerUnavailable):
+                fetch_reads(ReportsServer({partly_sent: ServerUnavailable("down")}), outbox, pseudonyms, fresh,
+                            on_new_read=lambda read: stored.append(read.original_study_uid))
+            # each stored read was reported (the app audits it) although the check as a whole failed
+            assert sorted(stored) == sorted([broken, fine]) == sorted(r.original_study_uid for r in fresh.reads())
 
 
 # --- the reader's connection --------------------------------------------------------------------------

@@ -113,11 +113,20 @@ def test_forward_worklist_read_and_clinic_inbox(orthanc_factory, tmp_path, monke
     assert_clean(at)
     marks = [m.value for m in at.markdown if m.value.startswith("R")]
     assert marks == ["R1: box (27, 33, 38, 44) on slice 6 - confirmed AI finding F1", "R2: point (20, 30) on slice 4"]
+    sign = f"sign_read_{positive_study}"
+    assert at.radio(key=f"read_agreement_{positive_study}").value is None  # a decision, not a default
+    at.button(key=sign).click().run()
+    assert any("Choose whether you agree" in e.value for e in at.error), page_text(at)
     at.radio(key=f"read_agreement_{positive_study}").set_value("agree")
     at.radio(key=f"read_urgency_{positive_study}").set_value("urgent")
     at.text_area(key=f"read_impression_{positive_study}").input(
-        "Lytic lesions in two vertebrae. Recommend haematology review.")
-    sign = "FormSubmitter:read_form_" + positive_study + "-Sign as Curie Marie and send"
+        "Lytic lesions in two vertebrae. Recommend haematology review.").run()
+    at.switch_page("../app/ui/page_scripts/worklist.py").run()  # a look at the worklist keeps the draft
+    at.switch_page("../app/ui/page_scripts/case.py").run()
+    assert_clean(at)
+    assert at.checkbox(key=f"confirm_{positive_study}_1").value
+    assert at.radio(key=f"read_urgency_{positive_study}").value == "urgent"
+    assert at.text_area(key=f"read_impression_{positive_study}").value.startswith("Lytic lesions in two vertebrae")
     at.button(key=sign).click().run()
     assert_clean(at)
     assert any("Read saved on the server" in s.value for s in at.success), page_text(at)

@@ -9,6 +9,7 @@ server as a verified SR (``app.reads``). Opening a case and saving a read go to 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import streamlit as st
@@ -261,7 +262,8 @@ def _read_form(client: DicomWebClient, entry: WorklistEntry, images: CaseImages,
         st.markdown("**Confirmed lesions**")
         for finding, box in _ai_boxes(entry, images).items():
             index = images.index_of(box.sop_instance_uid)
-            st.checkbox(f"Confirm AI finding F{finding} (box on slice {index + 1})", key=_confirm_key(entry, finding))
+            st.checkbox(f"Confirm AI finding F{finding} (box on slice {index + 1})", key=_confirm_key(entry, finding),
+                        persist_state="session")  # a draft survives a visit to the worklist
         kind = st.radio("Add your own mark on the slice shown", [str(k) for k in MarkKind], horizontal=True,
                         key="mark_kind")
         rows, cols = image_cache().pixels(client, ref).shape[:2]
@@ -284,25 +286,46 @@ def _read_form(client: DicomWebClient, entry: WorklistEntry, images: CaseImages,
                 own = i - len(confirmed)
                 right.button("Remove", key=f"remove_mark_{own}", on_click=marks.pop, args=(own,))
     uid = entry.study_uid  # the form's fields belong to this case: another case starts empty
-    with st.form(f"read_form_{uid}"):
-        agreement = st.radio("The AI result", [str(a) for a in Agreement], horizontal=True,
+    # Not an st.form: a form's fields reach the app only on submit, so a draft would be lost on a
+    # visit to the worklist; these keep theirs for the session.
+    with st.container(border=True):
+        # Nothing pre-selected: agreeing with the AI and the urgency are decisions, not defaults.
+        agreement = st.radio("The AI result", [str(a) for a in Agreement], horizontal=True, index=None,
                              format_func=lambda a: "I agree" if a == Agreement.AGREE else "I disagree",
-                             key=f"read_agreement_{uid}")
-        urgency = st.radio("Urgency", [str(u) for u in Urgency], horizontal=True, key=f"read_urgency_{uid}")
-        impression = st.text_area("Impression", key=f"read_impression_{uid}", height=120)
-        signed = st.form_submit_button(f"Sign as {name.replace('^', ' ')} and send", type="primary")
-    if signed:
+                             key=f"read_agreement_{uid}", persist_state="session")
+        urgency = st.radio("Urgency", [str(u) for u in Urgency], horizontal=True, index=None,
+                           key=f"read_urgency_{uid}", persist_state="session")
+        impression = st.text_area("Impression", key=f"read_impression_{uid}", height=120, persist_state="session")
+        signed = st.button(f"Sign as {name.replace('^', ' ')} and send", type="primary", key=f"sign_read_{uid}")
+    if signed and (agreement is None or urgency is None):
+        st.error("Choose whether you agree with the AI result and the urgency before signing.")
+    elif signed:
         read = Read(agreement=Agreement(agreement), urgency=Urgency(urgency), impression=impression,
                     lesions=tuple(_draft(entry, images)), radiologist=name, organization=organization,
                     verified_at=datetime.now(UTC))
         sent = st.session_state.setdefault(SENT_READS_KEY, set())
         # Not the marks: saving clears the drafted ones, so a second click would differ only there.
         content = (uid, read.agreement, read.urgency, read.impression.strip())
-        if content in sent:  # a second click on the same form: one verified read per decision
+        if not send_once(sent, content, lambda: _save(client, entry, images, read)):
             st.info("This read was already sent; nothing was sent again. Change the impression to add an addendum.")
-            return
-        _save(client, entry, images, read)
-        sent.add(content)
+
+
+def send_once(sent: set, content: tuple, save: Callable[[], None]) -> bool:
+    """Run ``save`` unless ``content`` is in ``sent`` (one verified read per decision); False if it was.
+
+    Marked before saving: a click during the save stops the run (Streamlit raises a
+    BaseException at its next call) after the read may have reached the server, and the
+    rerun must not send it again. A save that fails (an Exception) may be tried again.
+    """
+    if content in sent:
+        return False
+    sent.add(content)
+    try:
+        save()
+    except Exception:
+        sent.discard(content)
+        raise
+    return True
 
 
 def _save(client: DicomWebClient, entry: WorklistEntry, images: CaseImages, read: Read) -> None:
@@ -313,8 +336,9 @@ def _save(client: DicomWebClient, entry: WorklistEntry, images: CaseImages, read
     headers = [cache.header(client, ref) for ref in images.slices if ref.sop_instance_uid in marked]
     with st.spinner("Saving the read on the server…"):
         stored = save_read(client, ai_sr, ai, read, headers)
-    open_audit_log().append(read.radiologist, Action.READ_SAVED, entry.study_uid, stored.sop_instance_uid,
-                            f"{stored.agreement}, {stored.urgency}, {len(stored.lesions)} mark(s)")
+        # Recorded before any further Streamlit call, which could stop this run (a click meanwhile).
+        open_audit_log().append(read.radiologist, Action.READ_SAVED, entry.study_uid, stored.sop_instance_uid,
+                                f"{stored.agreement}, {stored.urgency}, {len(stored.lesions)} mark(s)")
     st.session_state[MARKS_KEY].pop(entry.study_uid, None)
     st.session_state.pop(ENTRIES_KEY, None)  # the worklist shows the new status on its next load
     st.success(f"Read saved on the server and verified ({stored.urgency}). The clinic will receive it.")

@@ -60,16 +60,20 @@ def render() -> None:
 
 
 def _fetch(actor: str) -> FetchReport:
+    """Fetch new reads; whatever the outcome, the automatic check waits its interval before the next try."""
     settings = server_settings().require_url()
-    with DicomWebClient(settings) as client, open_outbox() as outbox, open_pseudonyms() as pseudonyms, \
-            open_inbox() as inbox:
-        report = fetch_reads(client, outbox, pseudonyms, inbox)
     audit = open_audit_log()
-    for read in report.new_reads:
+
+    def received(read: InboxRead) -> None:  # recorded as each read is stored, also if a later case fails
         audit.append(actor, Action.READ_RECEIVED, read.report.study_uid, read.report.sop_instance_uid,
                      f"{read.report.urgency}")
-    st.session_state[LAST_CHECK_KEY] = time.time()
-    return report
+
+    try:
+        with DicomWebClient(settings) as client, open_outbox() as outbox, open_pseudonyms() as pseudonyms, \
+                open_inbox() as inbox:
+            return fetch_reads(client, outbox, pseudonyms, inbox, on_new_read=received)
+    finally:  # an unreachable server must not be waited for again on every click
+        st.session_state[LAST_CHECK_KEY] = time.time()
 
 
 def _page() -> None:
@@ -80,23 +84,23 @@ def _page() -> None:
         return
     if st.button("Check for reads now", key="inbox_check", type="primary", icon=":material/refresh:"):
         try:
-            report = _fetch(clinic_user() or "clinic")
+            with st.spinner("Checking the server for reads…"):
+                report = _fetch(clinic_user() or "clinic")
         except AppError as exc:  # the server is out of reach: the reads already here are still shown below
             st.error(f"Could not check for new reads: {exc}")
-            st.session_state[LAST_CHECK_KEY] = time.time()  # the automatic check need not try again at once
         else:
             _show_fetch(report)
-    _timer()
     with open_inbox() as inbox:
         reads = inbox.reads()
     if not reads:
         st.info("No read has come back yet.")
-        return
-    new = [r for r in reads if r.is_new]
-    st.markdown(f"{len(reads)} read(s): **{len(new)} new**, {sum(r.report.urgent for r in reads)} urgent.")
-    st.dataframe(_style(inbox_rows(reads)), hide_index=True, width="stretch")
-    for read in new:
-        _details(read)
+    else:
+        new = [r for r in reads if r.is_new]
+        st.markdown(f"{len(reads)} read(s): **{len(new)} new**, {sum(r.report.urgent for r in reads)} urgent.")
+        st.dataframe(_style(inbox_rows(reads)), hide_index=True, width="stretch")
+        for read in new:
+            _details(read)
+    _timer()  # last: the reads already here show before an automatic check waits on the network
 
 
 def _show_fetch(report: FetchReport) -> None:
@@ -142,5 +146,5 @@ def _timer() -> None:
         st.caption(f"Automatic check failed ({exc}); it will try again.")
         return
     st.caption(f"Last checked {time.strftime('%H:%M:%S')}; checks every {REFRESH_S} s.")
-    if report.new_reads and last is not None:
+    if report.new_reads:  # the list above was drawn before they came
         st.rerun()
