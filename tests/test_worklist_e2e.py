@@ -26,6 +26,7 @@ from worklist_helpers import (
 from app.audit import Action, open_audit_log
 from app.domain import TRIAGE_NEGATIVE, TRIAGE_POSITIVE
 from app.reads import READ_SERIES_DESCRIPTION, parse_read_sr
+from app.ui.telerad import CASE_KEY, ENTRIES_KEY
 
 pytestmark = pytest.mark.orthanc
 
@@ -102,6 +103,13 @@ def test_forward_worklist_read_and_clinic_inbox(orthanc_factory, tmp_path, monke
     assert cache.fetched == opened + 1
     slider.set_value(6).run()
     assert cache.fetched == opened + 1
+    listed = at.session_state[ENTRIES_KEY]
+    slider.set_value(4).run()
+    assert at.session_state[ENTRIES_KEY] is listed  # moving through the slices does not query the worklist
+    at.button(key="case_refresh").click().run()  # ... the refresh button does, and the case stays open
+    assert_clean(at)
+    assert at.session_state[ENTRIES_KEY] is not listed and at.session_state[CASE_KEY] == positive_study
+    slider.set_value(6).run()
 
     # --- ... confirms the AI finding, adds a point on another slice and signs an urgent read ------------
     at.checkbox(key=f"confirm_{positive_study}_1").check().run()

@@ -283,7 +283,7 @@ def _slice_chart(result: StudyResult, z_step_mm: float) -> None:
     skipped = sum(not s.analysed for s in result.slices)
     note = (f" Thin slices: the model ran on slices about {z_step_mm:g} mm apart; the {skipped} slices in between show "
             "values interpolated along z." if skipped else "")
-    st.caption(f"Dashed line: decision threshold {result.threshold:.2f}. Shaded: suspicious slice runs. "
+    st.caption(f"Dashed line: decision threshold {result.threshold:.1%}. Shaded: suspicious slice runs. "
                f"Grey line: the slice shown below.{note}")
 
 

@@ -58,6 +58,10 @@ def render() -> None:
 
 
 def _entry(client: DicomWebClient) -> WorklistEntry | None:
+    # The worklist of the last visit (a slider move must not query the server); the button asks again,
+    # e.g. for an AI result still on its way or a colleague's read.
+    if st.button("Refresh from the server", key="case_refresh", icon=":material/refresh:"):
+        st.session_state.pop(ENTRIES_KEY, None)
     entries = worklist_entries() or fetch_worklist(client, sr_cache())
     st.session_state[ENTRIES_KEY] = entries
     by_uid = {e.study_uid: e for e in entries}
@@ -102,7 +106,8 @@ def _page() -> None:
         _summary(entry)
         if entry.ai is None:
             st.warning("The AI result of this case has not arrived yet (the clinic may still be sending it): the "
-                       "images are shown; the read form appears when the AI result is there.")
+                       "images are shown; the read form appears when the AI result is there (press 'Refresh from "
+                       "the server').")
         images = _images(client, entry)
         _viewer(client, entry, images)
         _key_images(client, entry, images)
@@ -122,7 +127,7 @@ def _summary(entry: WorklistEntry) -> None:
     cols = st.columns(4)
     if entry.ai:
         cols[0].metric("AI probability", f"{entry.ai.probability:.1%}")
-        cols[1].metric("Threshold", f"{entry.ai.threshold:.2f}")
+        cols[1].metric("Threshold", f"{entry.ai.threshold:.1%}")  # the same scale as the probability
     cols[2].metric("Clinic", entry.clinic)
     cols[3].metric("Waiting", waited(entry.waiting_s(now)) if entry.arrived_at else "-")
     if entry.ai:
