@@ -434,6 +434,24 @@ def test_forward_queues_the_case_when_the_server_is_down(app_env, tmp_path):
     assert list(table["Tries"]) == [1] and "unreachable" in table["Last error"][0]
 
 
+def test_a_forward_that_failed_before_queueing_can_be_tried_again(app_env, tmp_path, monkeypatch):
+    import app.ui.forwarding
+    from app.domain import AppError
+
+    def cannot_queue(*_args):
+        raise AppError("the study lacks its patient module")
+
+    _unreachable_server(app_env)
+    monkeypatch.setattr(app.ui.forwarding, "enqueue_case", cannot_queue)
+    at = forward_and_wait(uploaded_forwardable_study(start_app(), tmp_path))
+    assert_friendly(at)
+    assert "Nothing was queued" in shown(at.error, "patient module")
+    at.button(key="forward_again").click().run()
+    assert_friendly(at)
+    assert at.button(key="forward").label == "Forward for review"  # offered again, not stuck on the error
+    assert not at.error
+
+
 @pytest.mark.orthanc
 def test_forward_delivers_to_a_real_server(app_env, monkeypatch, tmp_path, orthanc_factory):  # noqa: F811
     server = orthanc_factory()

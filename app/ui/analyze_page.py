@@ -227,7 +227,7 @@ def _forward(job: AnalysisJob, series: Series, result: StudyResult) -> None:
             return
         task = st.session_state[key] = ForwardTask(series, result, settings, keep_alive=job).start()
     if task.finished:
-        _forward_outcome(task)
+        _forward_outcome(task, key)
     else:
         _forward_progress(task)
 
@@ -236,16 +236,23 @@ def _forward(job: AnalysisJob, series: Series, result: StudyResult) -> None:
 def _forward_progress(task: ForwardTask) -> None:
     if task.finished:
         st.rerun()  # the whole page shows the outcome
-    st.info(f"Sending to {task.destination} in the background; you can keep working.",
-            icon=":material/cloud_upload:")
+    if task.case_id is None:  # not in the persistent outbox yet: closing the app now would lose it
+        st.info("Preparing the case for forwarding (result objects, de-identification): keep the app open "
+                "for a moment.", icon=":material/hourglass_top:")
+    else:
+        st.info(f"Queued as case {task.case_id}; sending to {task.destination} in the background. You can keep "
+                "working: the outbox keeps the case if the app is closed.", icon=":material/cloud_upload:")
 
 
-def _forward_outcome(task: ForwardTask) -> None:
+def _forward_outcome(task: ForwardTask, key: str) -> None:
     if task.error and task.case_id:
         st.error(f"{task.error}. The case is kept in the outbox as case {task.case_id}: retry it from the Outbox "
                  "page rather than forwarding it again.")
-    elif task.error:
-        st.error(task.error)
+    elif task.error:  # nothing was queued: forwarding may simply be tried again
+        st.error(f"{task.error}. Nothing was queued.")
+        if st.button("Try forwarding again", key="forward_again"):
+            st.session_state.pop(key, None)
+            st.rerun()
     elif task.outcome.delivered:
         st.success(f"Delivered (case {task.case_id}): the server confirmed all {task.outcome.expected} objects.")
     else:
