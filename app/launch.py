@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "registry's default)")
     parser.add_argument("--variant", default=os.environ.get(VARIANT_ENV),
                         help="model variant from the card, e.g. float32 or pqat_int8 (default: the card's choice)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="CPU threads for inference (default: number of cores, at most 4)")
+    parser.add_argument("--threads", type=int, default=os.environ.get(THREADS_ENV), metavar="N",
+                        help=f"CPU threads for inference (default: ${THREADS_ENV}, else the number of cores, "
+                             "at most 4)")
     parser.add_argument("--check", action="store_true", help="only check that the model loads, then exit")
     return parser
 

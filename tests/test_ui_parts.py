@@ -278,9 +278,9 @@ def test_summary_is_one_a4_page(shared_model, positive_zip):
 # --- launcher ---------------------------------------------------------------------------------
 
 
-def run_launch(*args: str) -> subprocess.CompletedProcess:
+def run_launch(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "app.launch", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env={**os.environ, **(env or {})})
 
 
 def test_launch_help_and_model_check(shared_model):
@@ -290,6 +290,9 @@ def test_launch_help_and_model_check(shared_model):
     assert ok.returncode == 0 and "tiny-test" in ok.stderr
     bad = run_launch("--check", "--model", "/nonexistent/model")
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+    # The environment's thread count is checked at launch, like --threads, not later in the browser.
+    threads = run_launch("--check", "--model", str(shared_model.analyzer.card.folder), env={"MYELOMA_THREADS": "0"})
+    assert threads.returncode == 2 and "between 1 and 64" in threads.stderr and "Traceback" not in threads.stderr
 
 
 def test_launch_command_line():
@@ -408,3 +411,15 @@ def test_a_read_interrupted_while_saving_is_not_sent_again_but_a_failed_one_may_
         send_once(sent, ("study-2", "agree"), failed)
     assert send_once(sent, ("study-2", "agree"), lambda: saves.append("retry")) is True
     assert saves == ["interrupted", "failed", "retry"]
+
+
+def test_a_full_disk_is_explained_not_reported_as_a_defect(shared_model):
+    import errno
+
+    def full_disk(dest, progress):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dest / "ct.zip"))
+
+    job = AnalysisJob("ct.zip", full_disk, shared_model).start()
+    assert job.wait(WAIT_S) and job.outcome.studies == []
+    assert job.outcome.message.startswith("The study could not be stored for analysis: the disk is full.")
+    assert "report" not in job.outcome.message and str(job.root) not in job.outcome.message

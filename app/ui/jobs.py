@@ -11,6 +11,7 @@ No Streamlit here: the module is tested directly.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import tempfile
 import threading
@@ -204,6 +205,11 @@ class AnalysisJob:
             outcome = JobOutcome([], [], message="Analysis cancelled.", cancelled=True)
         except AppError as exc:
             outcome = JobOutcome([], [], message=str(exc))
+        except OSError as exc:  # e.g. the disk filled up writing or extracting the upload
+            log.warning("analysis job stopped: %s", exc.strerror or exc)
+            reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or "a file error")
+            outcome = JobOutcome([], [], message=f"The study could not be stored for analysis: {reason}. Free some "
+                                                 "disk space (or close other analyses) and try again.")
         except Exception:  # the page must never show a traceback; the log keeps it for the developers
             log.exception("analysis job failed")
             outcome = JobOutcome([], [], message=UNEXPECTED_ERROR)
