@@ -372,6 +372,29 @@ def test_settings_threads_and_variant_apply_to_the_session(app_env):
     assert shown(at.success, "float32 with 1 thread(s)")
 
 
+def test_a_variant_that_cannot_load_leaves_the_session_on_its_model(app_env, monkeypatch, tmp_path, tiny_model):
+    from model_helpers import copy_model_folder
+
+    from model_zoo.card import Variant, load_card
+
+    folder = copy_model_folder(tiny_model, tmp_path / "model")
+    (folder / "model_broken.tflite").write_bytes(b"not a TFLite file")
+    card = load_card(folder)
+    card.variants["broken"] = Variant(file="model_broken.tflite", kind="float32")
+    card.record_hashes()
+    card.save()
+    monkeypatch.setenv("MYELOMA_MODEL", str(folder))
+    at = start_app()
+    at.switch_page("page_scripts/settings.py").run()
+    next(box for box in at.selectbox if box.label == "Model variant").set_value("broken")
+    at.form_submit_button[1].click().run()
+    assert_friendly(at)
+    assert shown(at.error, "keeps its previous choice")
+    at.switch_page("page_scripts/analyze.py").run()  # still usable: the page loads its working model
+    assert_friendly(at)
+    assert not at.error
+
+
 @pytest.mark.orthanc
 def test_test_connection_succeeds_against_a_real_server(app_env, monkeypatch, orthanc_factory):  # noqa: F811
     server = orthanc_factory()

@@ -13,6 +13,7 @@ from dataclasses import replace
 import streamlit as st
 
 from app.dicomweb import DicomWebClient
+from app.domain import AppError
 from app.settings import (
     ENV_PASSWORD,
     ENV_TOKEN,
@@ -121,9 +122,15 @@ def _analysis() -> None:
                                   step=1)
         applied = st.form_submit_button("Apply")
     if applied:
+        previous = {key: st.session_state.get(key) for key in (VARIANT_KEY, THREADS_KEY)}
         st.session_state[VARIANT_KEY] = variant
         st.session_state[THREADS_KEY] = int(threads)
-        loaded = current_model().analyzer
+        try:
+            loaded = current_model().analyzer
+        except AppError as exc:  # e.g. a variant file that is missing or corrupt: keep the model that works
+            st.session_state.update(previous)
+            st.error(f"{exc}. The session keeps its previous choice.")
+            return
         st.success(f"Using {loaded.model_ref.variant} with {loaded.threads} thread(s) for this session.")
     if card.default_variant_reason:
         st.caption(f"Card default: {card.default_variant_reason}")
