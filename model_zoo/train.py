@@ -1,9 +1,11 @@
 """Train a 2.5D lytic-lesion classifier on phantom studies.
 
     python -m model_zoo.train --config model_zoo/configs/mnv2_a035_clean.json [--resume] [--max-minutes M]
+                              [--keep best|last]
 
-Writes the best Keras model (by validation study AUC) and a model card to
-model_zoo/models/<name>/ (or --out). Checkpoints for --resume live in runs/<name>/.
+Writes the calibrated Keras model - the best epoch by validation study AUC, or with
+--keep last the last epoch - and a model card to model_zoo/models/<name>/ (or --out).
+Checkpoints for --resume live in runs/<name>/ (or the config's run_name).
 TFLite variants are added afterwards by ``python -m quantize``.
 
 Exit codes: 0 trained, 2 bad configuration or data.
@@ -53,6 +55,8 @@ from model_zoo.dataset import DEFAULT_CACHE, PreparedStudy, load_split, split_sp
 from model_zoo.metrics import auc_with_ci  # noqa: E402
 
 log = logging.getLogger("model_zoo.train")
+KEEP_CHOICES = ("best", "last")
+LAST_WEIGHTS = "last.weights.h5"  # the trainer's weights after each epoch (a next phase starts from them)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KERAS_FILE = "model.keras"
 
@@ -196,7 +200,7 @@ class StudyAUCCheckpoint(tf_keras.callbacks.Callback):
         else:
             self.state["stale"].assign_add(1)
         self.manager.save()
-        self.model.save_weights(str(self.best_path.with_name("last.weights.h5")))  # what a next phase starts from
+        self.model.save_weights(str(self.best_path.with_name(LAST_WEIGHTS)))  # what a next phase starts from
         log.info("epoch %d: val study AUC %.4f (best %.4f)%s", epoch + 1, auc,
                  float(self.state["best_auc"].numpy()), " *" if improved else "")
         if int(self.state["stale"].numpy()) >= self.patience:
@@ -208,7 +212,14 @@ class StudyAUCCheckpoint(tf_keras.callbacks.Callback):
 
 
 def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: float | None,
-          cache_root: Path = DEFAULT_CACHE) -> ModelCard:
+          cache_root: Path = DEFAULT_CACHE, keep: str = "best") -> ModelCard:
+    """Train (or continue) a config's run and save its calibrated model and card in ``out_dir``.
+
+    ``keep``: the weights the model gets, "best" (the epoch with the best validation AUC) or
+    "last" (the last epoch run).
+    """
+    if keep not in KEEP_CHOICES:
+        raise ValueError(f"keep must be one of {', '.join(KEEP_CHOICES)}, got {keep!r}")
     t0 = time.time()
     tcfg = cfg["training"]
     seed = int(tcfg.get("seed", 0))
@@ -314,7 +325,10 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
         history = trainer.fit(ds, epochs=epochs, initial_epoch=start_epoch, steps_per_epoch=steps,
                             callbacks=[callback], verbose=1 if sys.stderr.isatty() else 2)
         losses = [round(float(v), 5) for v in history.history["loss"]]
-    model.load_weights(str(best_path))
+    if keep == "last":  # the trainer's file: it may hold training-only heads and crop-sized inputs, hence by name
+        model.load_weights(str(best_path.with_name(LAST_WEIGHTS)), by_name=True)
+    else:
+        model.load_weights(str(best_path))
     if policy != "float32":
         # The app and the compression tools take float32 models. Mixed precision keeps its
         # variables in float32, so a float32 copy (built outside the strategy) loses nothing.
@@ -341,6 +355,7 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
                                                   f"{cfg.get('threshold_min_sensitivity', 0.95)}"}},
         training={"config": cfg, "seed": seed, "epochs_run": int(state["epoch"].numpy()),
                   "best_val_study_auc": round(float(state["best_auc"].numpy()), 4), "epoch_losses": losses,
+                  "weights": "last epoch" if keep == "last" else "best validation epoch",
                   "epoch_val_study_auc": callback.aucs, "calibration": calibration,
                   **({"start_val_study_auc": start_auc} if start_auc is not None else {}),
                   **({"hard_negatives": mining} if mining else {}),
@@ -365,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="checkpoints for --resume (default: runs/<run_name>, else runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run dir")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this wall time (data prep included)")
+    p.add_argument("--keep", choices=KEEP_CHOICES, default="best",
+                   help="the weights the model gets: the epoch with the best validation AUC (default) or the last "
+                        "epoch (when the validation split is too small to pick an epoch). With --resume after the "
+                        "run has ended, nothing trains: the model is exported and calibrated again")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="prepared-study cache (default: %(default)s)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -377,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     # Phases that ship under one model name keep their checkpoints apart through "run_name".
     run_dir = args.run_dir or REPO_ROOT / "runs" / cfg.get("run_name", cfg["name"])
     try:
-        train(cfg, out, run_dir, args.resume, args.max_minutes, args.cache)
+        train(cfg, out, run_dir, args.resume, args.max_minutes, args.cache, args.keep)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

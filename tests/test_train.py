@@ -54,6 +54,33 @@ def test_resume_continues_from_the_checkpoint(tiny_run, tmp_path, monkeypatch):
     assert resumed.training["epochs_run"] == cfg["training"]["epochs"]
 
 
+def test_keep_last_exports_the_last_epoch_without_training_again(tiny_run, tmp_path, monkeypatch):
+    import tf_keras
+
+    from model_zoo.architectures import build_model, custom_objects
+    from model_zoo.train import train
+
+    cfg, card, root = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    monkeypatch.setattr(tf_keras.Model, "fit", lambda *a, **k: pytest.fail("the run had ended: nothing to train"))
+    kept = train(cfg, tmp_path / "model", run, resume=True, max_minutes=None, cache_root=root / "cache", keep="last")
+    assert kept.training["weights"] == "last epoch" and card.training["weights"] == "best validation epoch"
+    saved = tf_keras.models.load_model(str(tmp_path / "model" / "model.keras"), custom_objects=custom_objects(),
+                                       compile=False)
+    last = build_model(cfg["architecture"], saved.input_shape[1:], alpha=float(cfg["alpha"]),
+                       dropout=float(cfg.get("dropout", 0.2)), name=cfg["name"])
+    last.load_weights(str(run / "last.weights.h5"), by_name=True)
+    calibrated = {"cam"}  # calibration folds its map into the 1x1 cam convolution only
+    layers = [layer.name for layer in saved.layers if layer.get_weights() and layer.name not in calibrated]
+    assert layers
+    for name in layers:
+        for got, want in zip(saved.get_layer(name).get_weights(), last.get_layer(name).get_weights(), strict=True):
+            np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="keep must be one of"):
+        train(cfg, tmp_path / "other", run, resume=True, max_minutes=None, cache_root=root / "cache", keep="newest")
+
+
 def test_a_resumed_run_continues_the_example_stream_where_it_stopped(tiny_run):
     """``first_example`` skips that many examples: a resumed run sees what an unstopped one would."""
     from model_zoo.data import Augmentation, make_train_dataset
