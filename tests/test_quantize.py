@@ -335,6 +335,16 @@ def test_pruning_is_reproducible_by_seed(micro_folder, micro_cache):
 
 
 @pytest.mark.tf
+def test_the_evaluation_split_comes_as_int16_maps_without_masks(micro_folder, micro_cache):
+    """Scoring needs neither: float32 HU and masks of 600 test studies on top of the fine-tuning split's
+    masks ran an alpha-0.5 release out of memory (24 GB)."""
+    from quantize.sources import phantom_sources
+
+    studies = phantom_sources(load_card(micro_folder), load_recipe("tiny"), micro_cache).evaluation()
+    assert studies and all(s.resampled_hu.dtype == np.int16 and s.lesion_mask is None for s in studies)
+
+
+@pytest.mark.tf
 def test_size_tiers_prune_only_the_large_kernels(micro_folder, micro_cache):
     from quantize.pipeline import load_float_model
     from quantize.prune import prune
