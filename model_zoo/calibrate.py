@@ -37,7 +37,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -52,7 +52,14 @@ from model_zoo.aggregation import study_probability  # noqa: E402
 from model_zoo.architectures import CAM, custom_objects, inference  # noqa: E402
 from model_zoo.card import Aggregation, ModelCard, ModelError, resolve_model  # noqa: E402
 from model_zoo.contract import InputContract  # noqa: E402
-from model_zoo.dataset import DEFAULT_CACHE, PreparedStudy, SplitSpec, load_split, split_specs, study_inputs  # noqa: E402
+from model_zoo.dataset import (  # noqa: E402
+    DEFAULT_CACHE,
+    PreparedStudy,
+    SplitSpec,
+    load_scoring_split,
+    split_specs,
+    study_inputs,
+)
 from model_zoo.metrics import calibration, threshold_for_sensitivity  # noqa: E402
 
 log = logging.getLogger("model_zoo.calibrate")
@@ -155,13 +162,6 @@ def calibration_name(split: SplitSpec) -> str:
     return "validation" if split.name == "val" else f"{split.name} (seed {split.seed})"
 
 
-def load_calibration_studies(split: SplitSpec, contract: InputContract, cache_root: Path) -> list[PreparedStudy]:
-    """The split's studies as int16 memory maps without lesion masks: scoring needs neither float32 copies
-    nor masks (480 studies: 7.5 GB as float32, 1 GB of masks)."""
-    return load_split(split, contract, cache_root, integer_hu=True,
-                      transform=lambda study: replace(study, lesion_mask=None))
-
-
 def calibrate(model: tf_keras.Model, studies: Sequence[PreparedStudy], contract: InputContract,
               aggregation: Aggregation, min_sensitivity: float, split_name: str) -> dict:
     """Fit the map on ``studies`` (split ``split_name``), fold it into ``model`` and choose the threshold again.
@@ -199,7 +199,7 @@ def calibrate_card(card: ModelCard, cache_root: Path = DEFAULT_CACHE) -> ModelCa
     model = tf_keras.models.load_model(str(card.verify(card.keras_file)), custom_objects=custom_objects(),
                                        compile=False)
     split = calibration_split(cfg)
-    record = calibrate(model, load_calibration_studies(split, card.contract, cache_root), card.contract,
+    record = calibrate(model, load_scoring_split(split, card.contract, cache_root), card.contract,
                        card.aggregation, float(cfg.get("threshold_min_sensitivity", 0.95)), calibration_name(split))
     card.threshold = record["threshold"]
     card.training["calibration"] = record

@@ -186,12 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         card = resolve_model(args.model)
         splits = parse_splits(args.data, card)
         variant, predict = predictor(card, args.variant, args.threads)
-    except (ModelError, LiteRTError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
         results, reports = evaluate(card, splits, predict, args.cache)
-    except ValueError as exc:
+    except (ModelError, LiteRTError, ValueError) as exc:  # as in compare
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out_dir = args.out or card.path_of("evaluation")

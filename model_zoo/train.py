@@ -36,7 +36,6 @@ from model_zoo.calibrate import (  # noqa: E402
     calibrate,
     calibration_name,
     calibration_split,
-    load_calibration_studies,
     slice_outputs,
 )
 from model_zoo.card import MODELS_DIR, Aggregation, ModelCard  # noqa: E402
@@ -51,7 +50,7 @@ from model_zoo.data import (  # noqa: E402
     make_train_dataset,
     without_faint_lesions,
 )
-from model_zoo.dataset import DEFAULT_CACHE, PreparedStudy, load_split, split_specs  # noqa: E402
+from model_zoo.dataset import DEFAULT_CACHE, PreparedStudy, load_scoring_split, load_split, split_specs  # noqa: E402
 from model_zoo.metrics import auc_with_ci  # noqa: E402
 
 log = logging.getLogger("model_zoo.train")
@@ -340,7 +339,7 @@ def train(cfg: dict, out_dir: Path, run_dir: Path, resume: bool, max_minutes: fl
     # the threshold is chosen on the calibrated probabilities of the calibration split (default: validation).
     calibration_spec = calibration_split(cfg)
     calibration_studies = val_studies if calibration_spec.name == "val" else (  # loaded only now: training does not hold it
-        load_calibration_studies(calibration_spec, contract, cache_root))
+        load_scoring_split(calibration_spec, contract, cache_root))
     calibration = calibrate(model, calibration_studies, contract, aggregation,
                             float(cfg.get("threshold_min_sensitivity", 0.95)), calibration_name(calibration_spec))
     threshold = calibration["threshold"]

@@ -253,9 +253,9 @@ def recipe_from_dict(data: dict, path: str = "", sha256: str = "") -> Recipe:
             raise RecipeError(f"{where}: variants must be a list of variant names")
         data["variants"] = tuple(data["variants"])
     try:
-        recipe = dataclasses.replace(_build(Recipe, data, f"recipe {data['name']!r}"), path=path, sha256=sha256)
+        recipe = dataclasses.replace(_build(Recipe, data, where), path=path, sha256=sha256)
     except TypeError as exc:
-        raise RecipeError(f"recipe {data['name']!r} is malformed: {exc}") from exc
+        raise RecipeError(f"{where} is malformed: {exc}") from exc
     recipe.validate()
     return recipe
 

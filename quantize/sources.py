@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -23,7 +23,7 @@ import tensorflow as tf  # noqa: E402
 
 from model_zoo.card import ModelCard, ModelError  # noqa: E402
 from model_zoo.data import Augmentation, labelled_slices, make_example, make_train_dataset  # noqa: E402
-from model_zoo.dataset import DEFAULT_CACHE, PreparedStudy, SplitSpec, load_split  # noqa: E402
+from model_zoo.dataset import DEFAULT_CACHE, PreparedStudy, SplitSpec, load_scoring_split, load_split  # noqa: E402
 from model_zoo.evaluate import parse_splits  # noqa: E402
 from quantize.recipe import Recipe, RecipeError  # noqa: E402
 
@@ -82,12 +82,10 @@ def phantom_sources(card: ModelCard, recipe: Recipe, cache_root: Path = DEFAULT_
         return loaded[use]
 
     def evaluation() -> list[PreparedStudy]:
-        # Scoring needs neither float32 HU nor lesion masks: int16 memory maps (page cache, not process
-        # memory). Loaded as float32 with masks, 600 test studies came on top of the fine-tuning
-        # split's masks, which its datasets still hold, and the OOM killer ended an alpha-0.5 run at 24 GB.
+        # As float32 with masks, 600 test studies came on top of the fine-tuning split's masks, which
+        # its datasets still hold, and the OOM killer ended an alpha-0.5 run at 24 GB.
         loaded.clear()
-        return load_split(spec_of(recipe.evaluation.split), card.contract, cache_root, integer_hu=True,
-                          transform=lambda study: replace(study, lesion_mask=None))
+        return load_scoring_split(spec_of(recipe.evaluation.split), card.contract, cache_root)
 
     def finetune(batch_size: int, seed: int) -> tf.data.Dataset:
         # The saved model has no auxiliary lesion-map head (training-only), so only the probability is a target.
