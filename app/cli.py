@@ -3,6 +3,7 @@
 Exit codes:
   0  success (analyze: at least one study analysed; forward: delivered)
   2  nothing could be done (no analysable study, bad input, bad model); reason on stderr
+  2  also: outbox retarget could not move a case (reason on stderr)
   3  forward / outbox flush: case(s) stay queued in the outbox for later delivery; reason on stderr
   130 interrupted (Ctrl-C; also how "outbox watch" is stopped while cases are still queued)
 """
@@ -108,15 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("outbox", help="show or deliver the store-and-forward outbox",
                        description="The outbox keeps every forwarded case until the server confirms it.")
-    p.add_argument("action", choices=["status", "flush", "watch"],
+    p.add_argument("action", choices=["status", "flush", "watch", "retarget"],
                    help="status: list cases with state, retries and last error; flush: deliver queued cases now "
                         "(exit 0 when none is left queued, 3 otherwise); watch: keep running and deliver each "
                         "queued case when its automatic retry falls due (backoff from the settings' "
                         "outbox_backoff_s, doubling up to outbox_backoff_max_s), until none is left queued "
-                        "(exit 0) or Ctrl-C (exit 130)")
+                        "(exit 0) or Ctrl-C (exit 130); retarget: send the queued cases meant for another server "
+                        "(or --case) to the configured one instead, e.g. after correcting a mistyped address; "
+                        "a case queued with patient identity moves only to a server that accepts identities "
+                        "(exit 2 when a case could not be moved)")
     p.add_argument("--server", default=None, metavar="URL",
-                   help="flush only the cases queued for this server (default: $TELERAD_URL or the app settings; "
-                        "with neither, each case goes to the server it was queued for)")
+                   help="flush only the cases queued for this server; retarget: the server to send them to "
+                        "(default: $TELERAD_URL or the app settings; with neither, flush sends each case to the "
+                        "server it was queued for)")
+    p.add_argument("--case", default=None, metavar="CASE_ID", help="retarget: only this case")
     p.add_argument("--user", default=None, help="server user (default: $TELERAD_USER)")
     p.set_defaults(handler=_outbox)
     return parser

@@ -8,6 +8,7 @@ Library API (the CLI below and the Streamlit UI use the same calls)::
         report = deliver_pending(outbox, client)                # due cases of this server
     outbox.cases()                                              # state, retries, last error per case
     retry_now(case_id, settings, outbox)                        # "retry now" button
+    retarget_case(case_id, settings, outbox)                    # send a queued case to the configured server
 
 A case is delivered only when a QIDO-RS query finds every one of its instances on the
 server. Each delivery runs rounds: send what is pending in batches (STOW-RS), ask the server
@@ -31,11 +32,21 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from app.cli import EXIT_OK, EXIT_QUEUED
+from app.cli import EXIT_FAILED, EXIT_OK, EXIT_QUEUED
 from app.deid import PSEUDONYM_DB, PseudonymStore, StudyDeidentifier
 from app.dicomweb import AuthenticationFailed, DicomWebClient, DicomWebError
 from app.domain import CLI_WORK_DIR_PREFIX, AppError, Series, StudyResult
-from app.outbox import CaseInfo, CaseState, ItemKind, ItemState, Outbox, OutboxBusy, OutboxError, OutboxItem
+from app.outbox import (
+    AlreadyQueued,
+    CaseInfo,
+    CaseState,
+    ItemKind,
+    ItemState,
+    Outbox,
+    OutboxBusy,
+    OutboxError,
+    OutboxItem,
+)
 from app.results_dicom import build_results
 from app.settings import ServerSettings, app_data_dir, resolve_settings
 
@@ -114,7 +125,10 @@ def case_summary(result: StudyResult, n_slices: int) -> str:
 def enqueue_case(series: Series, result: StudyResult, settings: ServerSettings, outbox: Outbox | None = None,
                  pseudonyms: PseudonymStore | None = None) -> str:
     """Build the SR and key images, de-identify everything (unless the destination allows identity),
-    and store the case in the outbox (default: the app data dir's). Returns the case id. Nothing is sent here."""
+    and store the case in the outbox (default: the app data dir's). Returns the case id. Nothing is sent here.
+
+    Raises ``AlreadyQueued`` (with the waiting case's id) when the study waits in the outbox for
+    the same server already."""
     settings.require_url()
     with ExitStack() as stack:
         outbox = outbox or stack.enter_context(open_outbox())
@@ -240,6 +254,26 @@ def retry_now(case_id: str, settings: ServerSettings, outbox: Outbox) -> CaseOut
     return report.outcome(case_id) or CaseOutcome(case_id, False, case.n_confirmed, case.n_items, report.stopped)
 
 
+def retarget_case(case_id: str, settings: ServerSettings, outbox: Outbox) -> CaseInfo:
+    """Send a queued case to the configured server instead of the one it was queued for
+    (e.g. the address was mistyped). A case queued with the patient's identity goes only to
+    a server configured to receive identities."""
+    settings.require_url()
+    case = outbox.case(case_id)
+    if not case.deidentified and settings.deidentify:
+        raise AppError(f"case {case_id} carries the patient's identity and {settings.url} is set to receive "
+                       "de-identified cases only; forward the study again instead")
+    outbox.retarget(case_id, settings.url)
+    return outbox.case(case_id)
+
+
+def queued_elsewhere(outbox: Outbox, settings: ServerSettings) -> list[CaseInfo]:
+    """Queued cases meant for another server than the configured one (none without one)."""
+    if not settings.url:
+        return []
+    return [c for c in outbox.cases(state=CaseState.QUEUED) if c.destination != settings.url]
+
+
 # --- command line ------------------------------------------------------------------------
 def _print_outcomes(report: DeliveryReport) -> None:
     for o in report.outcomes:
@@ -264,9 +298,15 @@ def forward_cli(args) -> int:
         if not pairs:
             reason = f"{errors[0]}" if errors else "no analysable CT series found"
             raise AppError(f"nothing to forward: {reason}")
-        case_ids = [enqueue_case(series, result, settings, outbox, pseudonyms) for series, result in pairs]
+        case_ids = []
         for series, result in pairs:
-            print(f"{result.triage_label} (probability {result.probability:.3f}); {series.n_slices} slices queued")
+            try:
+                case_ids.append(enqueue_case(series, result, settings, outbox, pseudonyms))
+                print(f"{result.triage_label} (probability {result.probability:.3f}); {series.n_slices} slices queued")
+            except AlreadyQueued as exc:  # deliver the waiting case rather than a second copy of the study
+                case_ids.append(exc.case_id)
+                print(f"{result.triage_label} (probability {result.probability:.3f}); the study already waits in "
+                      f"the outbox as case {exc.case_id}: delivering that case")
         with DicomWebClient(settings) as client:
             report = _deliver_reporting_busy(outbox, client, case_ids=case_ids, force=True)
     _print_outcomes(report)
@@ -365,10 +405,31 @@ def watch(outbox: Outbox, settings: ServerSettings, sleep: Callable[[float], Non
         (sleep or time.sleep)(min(WATCH_MAX_SLEEP_S, max(WATCH_MIN_SLEEP_S, due - now)))
 
 
+def _retarget(outbox: Outbox, settings: ServerSettings, case_id: str | None) -> int:
+    """Move queued cases (all meant for other servers, or ``case_id``) to the configured server."""
+    settings.require_url()
+    cases = [outbox.case(case_id)] if case_id else queued_elsewhere(outbox, settings)
+    if not cases:
+        print(f"outbox: no queued case is meant for another server than {settings.url}")
+        return EXIT_OK
+    refused = 0
+    for case in cases:
+        try:
+            retarget_case(case.case_id, settings, outbox)
+            print(f"case {case.case_id}: now goes to {settings.url} (was {case.destination}); "
+                  "run 'python -m app.cli outbox flush' to send it")
+        except AppError as exc:
+            refused += 1
+            print(f"case {case.case_id}: not moved: {exc}", file=sys.stderr)
+    return EXIT_FAILED if refused else EXIT_OK
+
+
 def outbox_cli(args) -> int:
-    """``python -m app.cli outbox status|flush|watch``: flush exits 0 when the outbox is empty of queued
-    cases, else 3; watch returns 0 once it is empty."""
+    """``python -m app.cli outbox status|flush|watch|retarget``: flush exits 0 when the outbox is empty of
+    queued cases, else 3; watch returns 0 once it is empty; retarget exits 2 when a case could not be moved."""
     with open_outbox() as outbox:
+        if args.action == "retarget":
+            return _retarget(outbox, resolve_settings(server=args.server, user=args.user), args.case)
         if args.action == "watch":
             return watch(outbox, resolve_settings(server=args.server, user=args.user))
         return _status(outbox) if args.action == "status" else _flush(outbox, args)

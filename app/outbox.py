@@ -78,6 +78,15 @@ class OutboxBusy(OutboxError):
     """Another process is delivering right now."""
 
 
+class AlreadyQueued(OutboxError):
+    """The study is already waiting in the outbox for that server."""
+
+    def __init__(self, case_id: str, destination: str) -> None:
+        super().__init__(f"this study is already in the outbox for {destination} (case {case_id}), waiting to be "
+                         "delivered; retry that case from the Outbox page instead of forwarding it again")
+        self.case_id = case_id
+
+
 class CaseState(StrEnum):
     QUEUED = "queued"
     DELIVERED = "delivered"
@@ -173,13 +182,20 @@ class Outbox:
     # --- enqueue -------------------------------------------------------------------------
     def add_case(self, destination: str, deidentified: bool, datasets: Iterable[tuple[ItemKind, pydicom.Dataset]],
                  summary: str = "") -> str:
-        """Write the datasets into a new case folder, then register the case in one transaction."""
+        """Write the datasets into a new case folder, then register the case in one transaction.
+
+        Raises ``AlreadyQueued`` when a queued case holds the same study for the same server
+        (a second forward would make the reader see the study twice): checked at the first
+        dataset, before the rest is built, and again when the case is registered.
+        """
         case_id = uuid.uuid4().hex
         folder = self.case_dir(case_id)
         folder.mkdir(mode=0o700)
         rows, study_uids = [], set()
         try:
             for number, (kind, ds) in enumerate(datasets):
+                if number == 0:
+                    self._refuse_if_queued(self._db, destination, ds.StudyInstanceUID)
                 name = f"{number:05d}_{kind}.dcm"
                 path = folder / name
                 with open(path, "wb") as f:
@@ -196,10 +212,12 @@ class Outbox:
             if len({r[1] for r in rows}) != len(rows):
                 raise OutboxError("a case holds two instances with the same SOP Instance UID")
             _fsync_dir(folder)
+            study_uid = study_uids.pop()
             with self._transaction() as db:
+                self._refuse_if_queued(db, destination, study_uid)
                 db.execute("INSERT INTO cases (case_id, created_at, destination, study_uid, deidentified, summary, "
                            "state) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           (case_id, time.time(), destination, study_uids.pop(), int(deidentified), summary,
+                           (case_id, time.time(), destination, study_uid, int(deidentified), summary,
                             str(CaseState.QUEUED)))
                 db.executemany("INSERT INTO items (case_id, sop_instance_uid, kind, file, size, state) "
                                "VALUES (?, ?, ?, ?, ?, ?)", rows)
@@ -208,6 +226,14 @@ class Outbox:
             raise
         log.info("outbox: queued case %s with %d instance(s)", case_id, len(rows))
         return case_id
+
+    def _refuse_if_queued(self, db: sqlite3.Connection, destination: str, study_uid: str,
+                          other_than: str = "") -> None:
+        with self._lock:
+            row = db.execute("SELECT case_id FROM cases WHERE state = 'queued' AND destination = ? AND study_uid = ? "
+                             "AND case_id != ?", (destination, study_uid, other_than)).fetchone()
+        if row:
+            raise AlreadyQueued(row[0], destination)
 
     # --- queries ----------------------------------------------------------------------------
     _CASE_QUERY = """
@@ -295,6 +321,26 @@ class Outbox:
                        "last_error = NULL WHERE case_id = ?", (now, now, case_id))
         shutil.rmtree(self.case_dir(case_id), ignore_errors=True)
         log.info("outbox: case %s delivered", case_id)
+
+    def retarget(self, case_id: str, destination: str) -> None:
+        """Send a queued case to ``destination`` instead (e.g. after the server address was corrected).
+
+        Every item goes back to pending and the retry count restarts: what the old address
+        acknowledged is not on the new server. Refuses a delivered case, and a study already
+        queued for ``destination``.
+        """
+        with self._transaction() as db:
+            row = db.execute("SELECT state, study_uid FROM cases WHERE case_id = ?", (case_id,)).fetchone()
+            if row is None:
+                raise OutboxError(f"no case {case_id} in the outbox")
+            if row["state"] != CaseState.QUEUED:
+                raise OutboxError(f"case {case_id} was already delivered; forward the study again to send it elsewhere")
+            self._refuse_if_queued(db, destination, row["study_uid"], other_than=case_id)
+            db.execute("UPDATE cases SET destination = ?, attempts = 0, last_error = NULL, last_attempt_at = NULL, "
+                       "next_attempt_at = 0 WHERE case_id = ?", (destination, case_id))
+            db.execute("UPDATE items SET state = 'pending', attempts = 0, last_error = NULL WHERE case_id = ?",
+                       (case_id,))
+        log.info("outbox: case %s now goes to %s", case_id, destination)
 
     def remove_case(self, case_id: str) -> None:
         """Drop a case and its files (e.g. the user cancels a forward that can never succeed)."""

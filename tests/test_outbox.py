@@ -32,11 +32,13 @@ from app.forward import (
     enqueue_case,
     open_outbox,
     open_pseudonyms,
+    retarget_case,
     retry_now,
 )
 from app.outbox import (
     CASES_DIR,
     DB_FILE,
+    AlreadyQueued,
     CaseState,
     ItemKind,
     ItemState,
@@ -207,6 +209,84 @@ def test_forwarding_while_another_process_delivers_leaves_the_case_queued(tmp_pa
             outcome = retry_now(case_id, settings, app_outbox)
         assert not outcome.delivered and "another process is delivering" in outcome.error
         assert app_outbox.case(case_id).state == CaseState.QUEUED
+
+
+def test_a_study_waiting_for_a_server_is_not_queued_twice(tmp_path, datasets):
+    built = []
+
+    def building():  # counts the datasets the outbox asked for
+        for item in datasets:
+            built.append(item)
+            yield item
+
+    with Outbox(tmp_path) as outbox:
+        first = outbox.add_case("https://a/dicom-web", True, datasets)
+        with pytest.raises(AlreadyQueued, match=f"case {first}") as refused:
+            outbox.add_case("https://a/dicom-web", True, building())
+        assert refused.value.case_id == first
+        assert len(built) == 1, "the refusal comes at the first dataset, before the rest of the case is built"
+        assert [c.case_id for c in outbox.cases()] == [first]
+        assert sorted(p.name for p in (tmp_path / CASES_DIR).iterdir()) == [first]
+        other = outbox.add_case("https://b/dicom-web", True, datasets)  # another server may get it too
+        outbox.mark_delivered(first)
+        again = outbox.add_case("https://a/dicom-web", True, datasets)  # delivered: a new forward is a new case
+        assert {c.case_id for c in outbox.cases()} == {first, other, again}
+
+
+def test_retarget_sends_a_queued_case_to_the_new_address_from_scratch(tmp_path, datasets):
+    with Outbox(tmp_path) as outbox:
+        case_id = outbox.add_case("https://mistyped/dicom-web", True, datasets)
+        uids = [ds.SOPInstanceUID for _, ds in datasets]
+        outbox.mark_sent(case_id, uids[:2])
+        outbox.mark_confirmed(case_id, uids[:1])
+        outbox.record_failure(case_id, "name does not resolve", retry_in_s=3600)
+        outbox.retarget(case_id, "https://right/dicom-web")
+        case = outbox.case(case_id)
+        assert case.destination == "https://right/dicom-web" and case.state == CaseState.QUEUED
+        assert case.n_pending == case.n_items == len(uids), "the old address's acknowledgements do not count"
+        assert case.attempts == 0 and case.last_error is None and case.next_attempt_at <= time.time()
+        assert outbox.cases(destination="https://right/dicom-web", due_before=time.time())[0].case_id == case_id
+        waiting = outbox.add_case("https://third/dicom-web", True, datasets)
+        with pytest.raises(AlreadyQueued):  # the study already waits for that server
+            outbox.retarget(case_id, "https://third/dicom-web")
+        outbox.mark_confirmed(waiting, uids)
+        outbox.mark_delivered(waiting)
+        with pytest.raises(OutboxError, match="already delivered"):
+            outbox.retarget(waiting, "https://right/dicom-web")
+
+
+def test_a_case_with_patient_identity_moves_only_to_a_server_that_accepts_identities(tmp_path, datasets):
+    with Outbox(tmp_path) as outbox:
+        identified = outbox.add_case("https://old-trusted/dicom-web", False, datasets)
+        with pytest.raises(AppError, match="patient's identity"):
+            retarget_case(identified, ServerSettings(url="https://new/dicom-web", deidentify=True), outbox)
+        assert outbox.case(identified).destination == "https://old-trusted/dicom-web"
+        moved = retarget_case(identified, ServerSettings(url="https://new/dicom-web", deidentify=False), outbox)
+        assert moved.destination == "https://new/dicom-web"
+
+
+def test_outbox_retarget_cli_moves_the_cases_meant_for_other_servers(tmp_path, datasets, monkeypatch, capsys):
+    from app.cli import main
+
+    monkeypatch.setenv("MYELOMA_APP_DATA", str(tmp_path))
+    monkeypatch.delenv("TELERAD_URL", raising=False)
+    with open_outbox(tmp_path) as outbox:
+        wrong = outbox.add_case("https://mistyped/dicom-web", True, datasets)
+        identified = outbox.add_case("https://other/dicom-web", False, datasets)
+    assert main(["outbox", "retarget", "--server", "https://right/dicom-web"]) == 2
+    out, err = capsys.readouterr()
+    assert f"case {wrong}: now goes to https://right/dicom-web" in out
+    assert f"case {identified}: not moved" in err and "patient's identity" in err
+    with open_outbox(tmp_path) as outbox:
+        assert outbox.case(wrong).destination == "https://right/dicom-web"
+        assert outbox.case(identified).destination == "https://other/dicom-web"
+    assert main(["outbox", "retarget", "--server", "https://fourth/dicom-web", "--case", wrong]) == 0
+    with open_outbox(tmp_path) as outbox:
+        assert outbox.case(wrong).destination == "https://fourth/dicom-web"
+        outbox.remove_case(identified)
+    capsys.readouterr()
+    assert main(["outbox", "retarget", "--server", "https://fourth/dicom-web"]) == 0
+    assert "no queued case is meant for another server" in capsys.readouterr().out
 
 
 # --- delivery without a server: queued, with a reason and without the secret ---------------------

@@ -544,3 +544,36 @@ def test_inbox_keeps_showing_the_reads_it_has_when_the_server_is_down(app_env, t
     assert_friendly(at)
     assert shown(at.error, "Could not check for new reads")
     assert list(at.dataframe[0].value["Patient ID"]) == ["PID-7"]  # the urgent read already here stays visible
+
+
+def test_forwarding_a_study_again_sends_the_waiting_case_not_a_copy(app_env, tmp_path):
+    _unreachable_server(app_env)
+    first = forward_and_wait(uploaded_forwardable_study(start_app(), tmp_path))
+    (task,) = [first.session_state[k] for k in first.session_state if str(k).startswith("forward_")]
+    again = forward_and_wait(upload(start_app(), ("ct.zip", (tmp_path / "ct.zip").read_bytes())))  # a new session
+    assert_friendly(again)
+    assert f"case {task.case_id}" in shown(again.info, "already waiting in the outbox")
+    again.switch_page("page_scripts/outbox.py").run()
+    table = again.dataframe[0].value
+    assert list(table["Case"]) == [task.case_id] and list(table["Tries"]) == [2]
+
+
+def test_outbox_moves_cases_queued_for_a_mistyped_address_to_the_configured_server(app_env, tmp_path):
+    from app.forward import enqueue_case, open_outbox, open_pseudonyms
+    from app.settings import resolve_settings
+
+    mistyped = _unreachable_server(app_env)
+    series = write_ct_series(tmp_path / "ct", n_slices=8)
+    with open_outbox() as outbox, open_pseudonyms() as pseudonyms:
+        case_id = enqueue_case(series, make_study_result(series), resolve_settings(), outbox, pseudonyms)
+    corrected = _unreachable_server(app_env)  # the user fixed the address in Settings
+    at = start_app()
+    at.switch_page("page_scripts/outbox.py").run()
+    assert_friendly(at)
+    assert mistyped in shown(at.warning, "not sent until you move them")
+    at.button(key="outbox_retarget").click().run()
+    assert_friendly(at)
+    assert corrected in shown(at.success, f"Case {case_id} now goes to")
+    assert list(at.dataframe[0].value["Destination"]) == [corrected]
+    at.run()
+    assert not [w for w in at.warning if "not sent until you move them" in w.value]

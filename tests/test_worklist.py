@@ -201,3 +201,16 @@ def test_reader_has_its_own_credentials_and_shares_the_server_url(tmp_path):
                                                                    "user": "r2"}}))
     from_file = resolve_reader_settings(env=env, data_dir=tmp_path)
     assert from_file.url == "https://read.example.org/dw" and from_file.user == "reader"  # env beats file
+
+
+def test_two_studies_of_one_patient_get_different_case_names():
+    from dataclasses import replace
+
+    from app.ui.telerad import case_name
+    from app.ui.worklist_page import case_label
+
+    first = _entry("1.2.826.0.1.111111", 0.7)
+    second = replace(_entry("1.2.826.0.1.222222", 0.7), case_ref=first.case_ref)  # same patient, same clinic
+    assert case_name(first) != case_name(second)
+    assert case_label(first) != case_label(second)
+    assert first.case_ref in case_name(first) and "North" in case_name(first)

@@ -253,7 +253,12 @@ def _forward_outcome(task: ForwardTask, key: str) -> None:
         if st.button("Try forwarding again", key="forward_again"):
             st.session_state.pop(key, None)
             st.rerun()
-    elif task.outcome.delivered:
+    if task.already_queued:
+        st.info(f"This study was already waiting in the outbox as case {task.case_id}; that case was sent "
+                "rather than a second copy.")
+    if task.error:
+        return
+    if task.outcome.delivered:
         st.success(f"Delivered (case {task.case_id}): the server confirmed all {task.outcome.expected} objects.")
     else:
         st.warning(f"Queued in the outbox as case {task.case_id} ({task.outcome.confirmed} of "

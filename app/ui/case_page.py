@@ -23,17 +23,18 @@ from app.ui.state import friendly_errors
 from app.ui.telerad import (
     CASE_KEY,
     ENTRIES_KEY,
+    case_name,
+    fetch_entries,
     image_cache,
     local_time,
     reader_identity,
     reader_panel,
     reader_settings,
-    sr_cache,
     waited,
     worklist_entries,
 )
 from app.ui.viewer import WINDOWS, FindingMark, render_slice, thumbnail
-from app.worklist import WorklistEntry, fetch_worklist
+from app.worklist import WorklistEntry
 
 READ_COLOUR = (255, 170, 0)  # the radiologist's marks: amber, apart from the AI's cyan boxes
 POINT_RADIUS_PX = 4
@@ -62,8 +63,7 @@ def _entry(client: DicomWebClient) -> WorklistEntry | None:
     # e.g. for an AI result still on its way or a colleague's read.
     if st.button("Refresh from the server", key="case_refresh", icon=":material/refresh:"):
         st.session_state.pop(ENTRIES_KEY, None)
-    entries = worklist_entries() or fetch_worklist(client, sr_cache())
-    st.session_state[ENTRIES_KEY] = entries
+    entries = worklist_entries() or fetch_entries(client)
     by_uid = {e.study_uid: e for e in entries}
     if not by_uid:
         st.info("No case on the server yet.")
@@ -72,7 +72,7 @@ def _entry(client: DicomWebClient) -> WorklistEntry | None:
     current = st.session_state.get(CASE_KEY)
     # No widget key: the choice lives in CASE_KEY, which the Worklist sets when it opens a case.
     study = st.selectbox("Case", uids, index=uids.index(current) if current in by_uid else 0,
-                         format_func=lambda uid: f"{by_uid[uid].case_ref} - {by_uid[uid].clinic}")
+                         format_func=lambda uid: case_name(by_uid[uid]))
     st.session_state[CASE_KEY] = study
     return by_uid[study]
 

@@ -18,6 +18,7 @@ from typing import Self
 
 from app.domain import AppError, Series, StudyResult
 from app.forward import CaseOutcome, enqueue_case, open_outbox, open_pseudonyms, retry_now
+from app.outbox import AlreadyQueued
 from app.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -72,11 +73,15 @@ class ForwardTask(_DeliveryTask):
         self._series = series
         self._result = result
         self._keep_alive = keep_alive  # owner of series.files (the analysis job)
+        self.already_queued = False  # the study waited in the outbox already: that case is sent, not a copy
 
     def _deliver(self) -> None:
         try:
             with open_outbox() as outbox, open_pseudonyms() as pseudonyms:
-                self.case_id = enqueue_case(self._series, self._result, self._settings, outbox, pseudonyms)
+                try:
+                    self.case_id = enqueue_case(self._series, self._result, self._settings, outbox, pseudonyms)
+                except AlreadyQueued as exc:
+                    self.case_id, self.already_queued = exc.case_id, True
                 self._keep_alive = None  # the outbox holds its own copies now
                 self.outcome = retry_now(self.case_id, self._settings, outbox)
         finally:

@@ -10,8 +10,9 @@ import time
 import pandas as pd
 import streamlit as st
 
-from app.forward import open_outbox
-from app.outbox import CaseInfo, CaseState
+from app.domain import AppError
+from app.forward import open_outbox, queued_elsewhere, retarget_case
+from app.outbox import CaseInfo, CaseState, Outbox
 from app.ui.forwarding import RetryTask
 from app.ui.state import friendly_errors, server_settings
 
@@ -53,6 +54,8 @@ def _page() -> None:
         _retry_outcome(task)
         task = None
     with open_outbox() as outbox:
+        if task is None:
+            _offer_retarget(outbox)
         queued = outbox.cases(state=CaseState.QUEUED)
         if queued and task is None:
             labels = {c.case_id: f"{c.case_id} - {c.summary}" for c in queued}
@@ -68,6 +71,26 @@ def _page() -> None:
     waiting = sum(c.state == CaseState.QUEUED for c in cases)
     st.markdown(f"{len(cases)} case(s): **{waiting} queued**, {len(cases) - waiting} delivered.")
     st.dataframe(case_rows(cases), hide_index=True, width="stretch")
+
+
+def _offer_retarget(outbox: Outbox) -> None:
+    """Cases queued for another address than the one in Settings (e.g. a mistyped one) wait for a
+    server the app no longer sends to: offer to send them to the configured server instead."""
+    settings = server_settings()
+    elsewhere = queued_elsewhere(outbox, settings)
+    if not elsewhere:
+        return
+    old = ", ".join(sorted({c.destination for c in elsewhere}))
+    st.warning(f"{len(elsewhere)} queued case(s) are meant for {old}, not for the server in Settings "
+               f"({settings.url}); they are not sent until you move them.", icon=":material/alt_route:")
+    if not st.button(f"Send them to {settings.url} instead", key="outbox_retarget"):
+        return
+    for case in elsewhere:
+        try:
+            retarget_case(case.case_id, settings, outbox)
+            st.success(f"Case {case.case_id} now goes to {settings.url}; send it with Retry now.")
+        except AppError as exc:
+            st.error(f"Case {case.case_id} was not moved: {exc}")
 
 
 @st.fragment(run_every=RETRY_POLL_S)

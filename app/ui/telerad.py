@@ -18,10 +18,11 @@ from datetime import datetime
 import streamlit as st
 
 from app.case_images import InstanceCache
+from app.dicomweb import DicomWebClient
 from app.settings import READER_ENV_PREFIX, ServerSettings, resolve_reader_settings
 from app.ui import PAGE_SCRIPTS
 from app.ui.state import credential_source, masked
-from app.worklist import SrContent, WorklistEntry
+from app.worklist import SrContent, WorklistEntry, fetch_worklist
 
 WORKLIST_PAGE, CASE_PAGE, INBOX_PAGE = (PAGE_SCRIPTS / f"{name}.py" for name in ("worklist", "case", "inbox"))
 READER_NAME_ENV, READER_ORGANIZATION_ENV = f"{READER_ENV_PREFIX}NAME", f"{READER_ENV_PREFIX}ORGANIZATION"
@@ -108,6 +109,21 @@ def clinic_user() -> str:
         except (KeyError, OSError):
             st.session_state[CLINIC_USER_KEY] = ""
     return st.session_state[CLINIC_USER_KEY].strip()
+
+
+def fetch_entries(client: DicomWebClient) -> list[WorklistEntry]:
+    """The server's worklist (several queries on a slow uplink: the user sees that it is loading)."""
+    with st.spinner("Loading the worklist from the server..."):
+        entries = fetch_worklist(client, sr_cache())
+    st.session_state[ENTRIES_KEY] = entries
+    return entries
+
+
+def case_name(entry: WorklistEntry) -> str:
+    """How pickers name a case. The pseudonymous patient alone is not enough: two studies of one
+    patient share it, so the arrival and the end of the study UID tell them apart."""
+    return (f"{entry.case_ref} - {entry.clinic} - arrived {local_time(entry.arrived_at)} - "
+            f"study ...{entry.study_uid[-6:]}")
 
 
 def local_time(when: datetime | None) -> str:

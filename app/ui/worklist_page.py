@@ -18,7 +18,8 @@ from app.ui.state import friendly_errors
 from app.ui.telerad import (
     CASE_KEY,
     CASE_PAGE,
-    ENTRIES_KEY,
+    case_name,
+    fetch_entries,
     local_time,
     reader_identity,
     reader_panel,
@@ -29,7 +30,6 @@ from app.ui.telerad import (
 from app.worklist import (
     ReadStatus,
     WorklistEntry,
-    fetch_worklist,
     filter_worklist,
     new_arrivals,
     sort_worklist,
@@ -62,7 +62,7 @@ def worklist_rows(entries: list[WorklistEntry], now: datetime) -> pd.DataFrame:
 def case_label(entry: WorklistEntry) -> str:
     ai = f"p={entry.ai.probability:.2f} {'suspicious' if entry.ai.positive else 'not suspicious'}" if entry.ai \
         else "no AI result"
-    return f"{entry.case_ref} - {entry.clinic} - {ai} - {entry.status}"
+    return f"{case_name(entry)} - {ai} - {entry.status}"
 
 
 def render() -> None:
@@ -81,8 +81,7 @@ def _page() -> None:
                    "clinic's server on the Settings page).")
         return
     with DicomWebClient(settings) as client:
-        entries = fetch_worklist(client, sr_cache())
-    st.session_state[ENTRIES_KEY] = entries
+        entries = fetch_entries(client)
     previous = st.session_state.get(KNOWN_KEY)
     arrived = new_arrivals(entries, previous[0]) if previous else []
     st.session_state[KNOWN_KEY] = ({e.study_uid for e in entries}, _sr_uids())
