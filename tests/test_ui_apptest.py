@@ -57,6 +57,9 @@ def app_env(monkeypatch, tmp_path, tiny_model) -> Path:
     for key in ("MYELOMA_VARIANT", "MYELOMA_THREADS", "TELERAD_URL", "TELERAD_USER", "TELERAD_PASSWORD",
                 "TELERAD_TOKEN", "TELERAD_CA_BUNDLE"):
         monkeypatch.delenv(key, raising=False)
+    import app.ui.state
+
+    app.ui.state._recent_jobs.clear()  # one process runs every test's sessions
     return data
 
 
@@ -577,3 +580,30 @@ def test_outbox_moves_cases_queued_for_a_mistyped_address_to_the_configured_serv
     assert list(at.dataframe[0].value["Destination"]) == [corrected]
     at.run()
     assert not [w for w in at.warning if "not sent until you move them" in w.value]
+
+
+def test_after_a_browser_refresh_the_last_analyses_can_be_shown_again(uploads, app_env):
+    at = upload(start_app(), ("first.zip", uploads["positive"].read_bytes()))
+    at = upload(at, ("second.zip", uploads["negative"].read_bytes()))
+    job, label = at.session_state["analysis_job"], triage_shown(at)
+    refreshed = start_app()  # a refresh is a new session with an empty session state
+    assert_friendly(refreshed)
+    listed = [m.value for m in refreshed.markdown if "first.zip" in m.value or "second.zip" in m.value]
+    assert len(listed) == 2 and "second.zip" in listed[0] and label in listed[0]  # newest first, with its call
+    refreshed.button(key="recent_0").click().run()
+    assert_friendly(refreshed)
+    assert refreshed.session_state["analysis_job"] is job and triage_shown(refreshed) == label
+
+
+def test_recent_analyses_are_not_offered_when_the_app_is_served_on_a_network(uploads, app_env):
+    from streamlit import config
+
+    upload(start_app(), ("first.zip", uploads["positive"].read_bytes()))
+    before = config.get_option("server.address")
+    config.set_option("server.address", "0.0.0.0")
+    try:
+        other_computer = start_app()
+    finally:
+        config.set_option("server.address", before)
+    assert "first.zip" not in all_text(other_computer)
+    assert "first.zip" in all_text(start_app())

@@ -10,6 +10,7 @@ downloads and forwarding.
 from __future__ import annotations
 
 import json
+import time
 
 import altair as alt
 import pandas as pd
@@ -21,7 +22,7 @@ from app.ingest import InputError
 from app.ui.forwarding import ForwardTask
 from app.ui.jobs import AnalysisJob, JobOutcome, JobStatus, SharedModel, write_example_study, write_uploads
 from app.ui.model_info import card_facts, metrics_table
-from app.ui.state import current_model, friendly_errors, server_settings
+from app.ui.state import current_model, friendly_errors, recent_jobs, server_settings
 from app.ui.summary import FORMATS, build_summary
 from app.ui.viewer import WINDOWS, key_image, marks_on_slice, render_slice, thumbnail
 from model_zoo.card import ModelCard
@@ -51,6 +52,7 @@ def _page() -> None:
         _replace_job(job, started)
         st.rerun()  # draw the inputs disabled while the new job runs
     if job is None:
+        _offer_recent()
         return
     if not job.finished:
         _follow(job)
@@ -101,6 +103,34 @@ def _replace_job(old: AnalysisJob | None, new: AnalysisJob) -> None:
         if st.session_state[key].finished:
             del st.session_state[key]
     st.session_state[JOB_KEY] = new
+    if (recent := recent_jobs()) is not None:
+        recent.add(new)
+
+
+def _offer_recent() -> None:
+    """After a browser refresh (a new session): the analyses this app ran lately, to show again."""
+    recent = recent_jobs()
+    jobs = recent.jobs() if recent is not None else []
+    if not jobs:
+        return
+    with st.expander(f"Recent analyses on this computer ({len(jobs)}), kept while the app runs",
+                     icon=":material/history:"):
+        for number, job in enumerate(jobs):
+            left, right = st.columns([4, 1], vertical_alignment="center")
+            left.markdown(f"{time.strftime('%H:%M', time.localtime(job.started_at))} · {_plain(job.source)} · "
+                          f"{_recent_state(job)}")
+            if right.button("Show", key=f"recent_{number}"):
+                st.session_state[JOB_KEY] = job
+                st.rerun()
+
+
+def _recent_state(job: AnalysisJob) -> str:
+    outcome = job.outcome
+    if outcome is None:
+        return "still running"
+    if not outcome.studies:
+        return "nothing analysed" if not outcome.cancelled else "cancelled"
+    return "; ".join(result.triage_label for _, result in outcome.studies)
 
 
 # --- progress -------------------------------------------------------------------------------

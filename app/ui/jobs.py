@@ -133,6 +133,7 @@ class AnalysisJob:
     def __init__(self, source: str, prepare: PrepareInputs, model: SharedModel,
                  limits: IngestLimits | None = None) -> None:
         self.source = source  # what the user analysed, in their words ("CT.zip", "example study")
+        self.started_at = time.time()
         self._prepare = prepare
         self._model = model
         self._limits = limits or IngestLimits()
@@ -223,6 +224,29 @@ class AnalysisJob:
             with self._status_lock:
                 self._status = JobStatus("done", 1, 1)
             self.outcome = outcome
+
+
+class RecentJobs:
+    """The last few analyses of this app process, newest first.
+
+    A browser refresh starts a new Streamlit session with an empty ``session_state``: without
+    this list the result on screen (or the analysis still running) would be out of reach, and
+    the work lost. A job dropped from the list keeps its files while a session or a forward
+    still uses it (they go with the last reference).
+    """
+
+    def __init__(self, keep: int = 3) -> None:
+        self._keep = keep
+        self._jobs: list[AnalysisJob] = []
+        self._lock = threading.Lock()
+
+    def add(self, job: AnalysisJob) -> None:
+        with self._lock:
+            self._jobs = [job, *(j for j in self._jobs if j is not job)][:self._keep]
+
+    def jobs(self) -> list[AnalysisJob]:
+        with self._lock:
+            return list(self._jobs)
 
 
 def shown_errors(errors: Sequence[InputError], input_dir: Path, work_dir: Path) -> list[InputError]:

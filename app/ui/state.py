@@ -24,7 +24,7 @@ from app.domain import AppError
 from app.engine import Analyzer
 from app.settings import ENV_PASSWORD, ENV_TOKEN, ENV_URL, ENV_USER, ServerSettings, resolve_settings
 from app.ui import MODEL_ENV, THREADS_ENV, VARIANT_ENV
-from app.ui.jobs import SharedModel
+from app.ui.jobs import RecentJobs, SharedModel
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,20 @@ def model_choice() -> ModelChoice:
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
 def _shared_model(model: str | None, variant: str | None, threads: int | None) -> SharedModel:
     return SharedModel(Analyzer(model, variant, threads))
+
+
+LOCAL_ADDRESSES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+@st.cache_resource
+def _recent_jobs() -> RecentJobs:
+    return RecentJobs()
+
+
+def recent_jobs() -> RecentJobs | None:
+    """This app's last analyses, to reopen after a browser refresh; None when the app is served on
+    a network address, where another computer's user must not see this one's patients."""
+    return _recent_jobs() if str(st.get_option("server.address") or "localhost") in LOCAL_ADDRESSES else None
 
 
 def current_model() -> SharedModel:
