@@ -327,9 +327,10 @@ class Outbox:
 
         Every item goes back to pending and the retry count restarts: what the old address
         acknowledged is not on the new server. Refuses a delivered case, and a study already
-        queued for ``destination``.
+        queued for ``destination``. Takes the delivery lock (``OutboxBusy`` while another process
+        delivers): a delivery to the old address must not confirm items after they were reset.
         """
-        with self._transaction() as db:
+        with self.delivery_lock(), self._transaction() as db:
             row = db.execute("SELECT state, study_uid FROM cases WHERE case_id = ?", (case_id,)).fetchone()
             if row is None:
                 raise OutboxError(f"no case {case_id} in the outbox")

@@ -249,6 +249,9 @@ def test_retarget_sends_a_queued_case_to_the_new_address_from_scratch(tmp_path, 
         waiting = outbox.add_case("https://third/dicom-web", True, datasets)
         with pytest.raises(AlreadyQueued):  # the study already waits for that server
             outbox.retarget(case_id, "https://third/dicom-web")
+        with Outbox(tmp_path) as watcher, watcher.delivery_lock(), pytest.raises(OutboxBusy):
+            outbox.retarget(case_id, "https://elsewhere/dicom-web")  # not while "outbox watch" delivers it
+        assert outbox.case(case_id).destination == "https://right/dicom-web"
         outbox.mark_confirmed(waiting, uids)
         outbox.mark_delivered(waiting)
         with pytest.raises(OutboxError, match="already delivered"):
