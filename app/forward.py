@@ -254,17 +254,17 @@ def retry_now(case_id: str, settings: ServerSettings, outbox: Outbox) -> CaseOut
     return report.outcome(case_id) or CaseOutcome(case_id, False, case.n_confirmed, case.n_items, report.stopped)
 
 
-def retarget_case(case_id: str, settings: ServerSettings, outbox: Outbox) -> CaseInfo:
-    """Send a queued case to the configured server instead of the one it was queued for
-    (e.g. the address was mistyped). A case queued with the patient's identity goes only to
-    a server configured to receive identities."""
+def retarget_case(case_id: str, settings: ServerSettings, outbox: Outbox) -> bool:
+    """Send a queued case to the configured server instead of the one it was queued for (e.g. the
+    address was mistyped). Returns False when the study is already queued for or delivered to the
+    configured server: the case was removed rather than sending the study twice. A case queued
+    with the patient's identity moves only to a server configured to receive identities."""
     settings.require_url()
     case = outbox.case(case_id)
-    if not case.deidentified and settings.deidentify:
+    if not case.deidentified and settings.deidentify and not outbox.holds_study(settings.url, case.study_uid):
         raise AppError(f"case {case_id} carries the patient's identity and {settings.url} is set to receive "
                        "de-identified cases only; forward the study again instead")
-    outbox.retarget(case_id, settings.url)
-    return outbox.case(case_id)
+    return outbox.retarget(case_id, settings.url)
 
 
 def queued_elsewhere(outbox: Outbox, settings: ServerSettings) -> list[CaseInfo]:
@@ -415,9 +415,11 @@ def _retarget(outbox: Outbox, settings: ServerSettings, case_id: str | None) -> 
     refused = 0
     for case in cases:
         try:
-            retarget_case(case.case_id, settings, outbox)
-            print(f"case {case.case_id}: now goes to {settings.url} (was {case.destination}); "
-                  "run 'python -m app.cli outbox flush' to send it")
+            if retarget_case(case.case_id, settings, outbox):
+                print(f"case {case.case_id}: now goes to {settings.url} (was {case.destination}); "
+                      "run 'python -m app.cli outbox flush' to send it")
+            else:
+                print(f"case {case.case_id}: removed; the study is already queued for or delivered to {settings.url}")
         except AppError as exc:
             refused += 1
             print(f"case {case.case_id}: not moved: {exc}", file=sys.stderr)

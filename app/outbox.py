@@ -169,9 +169,13 @@ class Outbox:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction. IMMEDIATE: it holds the write lock from its first read, so a check
+        and the write it guards (e.g. no second queued case of a study) are one step for every
+        process sharing the outbox."""
         with self._lock:
             try:
                 with self._db:
+                    self._db.execute("BEGIN IMMEDIATE")
                     yield self._db
             except sqlite3.Error as exc:
                 raise OutboxError(f"outbox database error: {exc}") from exc
@@ -184,9 +188,10 @@ class Outbox:
                  summary: str = "") -> str:
         """Write the datasets into a new case folder, then register the case in one transaction.
 
-        Raises ``AlreadyQueued`` when a queued case holds the same study for the same server
-        (a second forward would make the reader see the study twice): checked at the first
-        dataset, before the rest is built, and again when the case is registered.
+        Raises ``AlreadyQueued`` when a queued case holds the same study with the same ``summary``
+        (the same analysis) for the same server: a second forward would make the reader see the
+        study twice. Checked at the first dataset, before the rest is built, and again in the
+        transaction that registers the case. A new analysis (another summary) is a new case.
         """
         case_id = uuid.uuid4().hex
         folder = self.case_dir(case_id)
@@ -195,7 +200,7 @@ class Outbox:
         try:
             for number, (kind, ds) in enumerate(datasets):
                 if number == 0:
-                    self._refuse_if_queued(self._db, destination, ds.StudyInstanceUID)
+                    self._refuse_if_queued(self._db, destination, ds.StudyInstanceUID, summary)
                 name = f"{number:05d}_{kind}.dcm"
                 path = folder / name
                 with open(path, "wb") as f:
@@ -214,7 +219,7 @@ class Outbox:
             _fsync_dir(folder)
             study_uid = study_uids.pop()
             with self._transaction() as db:
-                self._refuse_if_queued(db, destination, study_uid)
+                self._refuse_if_queued(db, destination, study_uid, summary)
                 db.execute("INSERT INTO cases (case_id, created_at, destination, study_uid, deidentified, summary, "
                            "state) VALUES (?, ?, ?, ?, ?, ?, ?)",
                            (case_id, time.time(), destination, study_uid, int(deidentified), summary,
@@ -227,11 +232,10 @@ class Outbox:
         log.info("outbox: queued case %s with %d instance(s)", case_id, len(rows))
         return case_id
 
-    def _refuse_if_queued(self, db: sqlite3.Connection, destination: str, study_uid: str,
-                          other_than: str = "") -> None:
+    def _refuse_if_queued(self, db: sqlite3.Connection, destination: str, study_uid: str, summary: str) -> None:
         with self._lock:
             row = db.execute("SELECT case_id FROM cases WHERE state = 'queued' AND destination = ? AND study_uid = ? "
-                             "AND case_id != ?", (destination, study_uid, other_than)).fetchone()
+                             "AND summary = ?", (destination, study_uid, summary)).fetchone()
         if row:
             raise AlreadyQueued(row[0], destination)
 
@@ -265,6 +269,12 @@ class Outbox:
         with self._lock:
             rows = self._db.execute(self._CASE_QUERY.format(where=where), params).fetchall()
         return [_case_info(row) for row in rows]
+
+    def holds_study(self, destination: str, study_uid: str) -> bool:
+        """Whether a case of ``study_uid`` is queued for, or was delivered to, ``destination``."""
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM cases WHERE destination = ? AND study_uid = ?",
+                                    (destination, study_uid)).fetchone() is not None
 
     def case(self, case_id: str) -> CaseInfo:
         found = self.cases(case_ids=[case_id])
@@ -322,26 +332,40 @@ class Outbox:
         shutil.rmtree(self.case_dir(case_id), ignore_errors=True)
         log.info("outbox: case %s delivered", case_id)
 
-    def retarget(self, case_id: str, destination: str) -> None:
+    def retarget(self, case_id: str, destination: str) -> bool:
         """Send a queued case to ``destination`` instead (e.g. after the server address was corrected).
 
         Every item goes back to pending and the retry count restarts: what the old address
-        acknowledged is not on the new server. Refuses a delivered case, and a study already
-        queued for ``destination``. Takes the delivery lock (``OutboxBusy`` while another process
-        delivers): a delivery to the old address must not confirm items after they were reset.
+        acknowledged is not on the new server. When the study is already queued for, or
+        delivered to, ``destination`` (e.g. forwarded again after the address was fixed), the
+        case is removed instead of sending the study twice; returns False then. Refuses a
+        delivered case. Takes the delivery lock (``OutboxBusy`` while another process delivers):
+        a delivery to the old address must not confirm items after they were reset.
         """
         with self.delivery_lock(), self._transaction() as db:
-            row = db.execute("SELECT state, study_uid FROM cases WHERE case_id = ?", (case_id,)).fetchone()
+            row = db.execute("SELECT state, study_uid, destination FROM cases WHERE case_id = ?", (case_id,)).fetchone()
             if row is None:
                 raise OutboxError(f"no case {case_id} in the outbox")
             if row["state"] != CaseState.QUEUED:
                 raise OutboxError(f"case {case_id} was already delivered; forward the study again to send it elsewhere")
-            self._refuse_if_queued(db, destination, row["study_uid"], other_than=case_id)
-            db.execute("UPDATE cases SET destination = ?, attempts = 0, last_error = NULL, last_attempt_at = NULL, "
-                       "next_attempt_at = 0 WHERE case_id = ?", (destination, case_id))
-            db.execute("UPDATE items SET state = 'pending', attempts = 0, last_error = NULL WHERE case_id = ?",
-                       (case_id,))
+            if row["destination"] == destination:
+                raise OutboxError(f"case {case_id} is already meant for {destination}")
+            there = db.execute("SELECT 1 FROM cases WHERE destination = ? AND study_uid = ?",
+                               (destination, row["study_uid"])).fetchone()
+            if there:
+                db.execute("DELETE FROM cases WHERE case_id = ?", (case_id,))
+            else:
+                db.execute("UPDATE cases SET destination = ?, attempts = 0, last_error = NULL, "
+                           "last_attempt_at = NULL, next_attempt_at = 0 WHERE case_id = ?", (destination, case_id))
+                db.execute("UPDATE items SET state = 'pending', attempts = 0, last_error = NULL WHERE case_id = ?",
+                           (case_id,))
+        if there:
+            shutil.rmtree(self.case_dir(case_id), ignore_errors=True)
+            log.info("outbox: case %s removed: its study is already queued for or delivered to %s", case_id,
+                     destination)
+            return False
         log.info("outbox: case %s now goes to %s", case_id, destination)
+        return True
 
     def remove_case(self, case_id: str) -> None:
         """Drop a case and its files (e.g. the user cancels a forward that can never succeed)."""

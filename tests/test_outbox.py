@@ -220,17 +220,49 @@ def test_a_study_waiting_for_a_server_is_not_queued_twice(tmp_path, datasets):
             yield item
 
     with Outbox(tmp_path) as outbox:
-        first = outbox.add_case("https://a/dicom-web", True, datasets)
+        first = outbox.add_case("https://a/dicom-web", True, datasets, summary="suspicious, p=0.91")
         with pytest.raises(AlreadyQueued, match=f"case {first}") as refused:
-            outbox.add_case("https://a/dicom-web", True, building())
+            outbox.add_case("https://a/dicom-web", True, building(), summary="suspicious, p=0.91")
         assert refused.value.case_id == first
         assert len(built) == 1, "the refusal comes at the first dataset, before the rest of the case is built"
         assert [c.case_id for c in outbox.cases()] == [first]
         assert sorted(p.name for p in (tmp_path / CASES_DIR).iterdir()) == [first]
-        other = outbox.add_case("https://b/dicom-web", True, datasets)  # another server may get it too
+        other = outbox.add_case("https://b/dicom-web", True, datasets, summary="suspicious, p=0.91")  # another server
+        newer = outbox.add_case("https://a/dicom-web", True, datasets, summary="suspicious, p=0.88")  # a new analysis
         outbox.mark_delivered(first)
-        again = outbox.add_case("https://a/dicom-web", True, datasets)  # delivered: a new forward is a new case
-        assert {c.case_id for c in outbox.cases()} == {first, other, again}
+        again = outbox.add_case("https://a/dicom-web", True, datasets, summary="suspicious, p=0.91")  # delivered: new
+        assert {c.case_id for c in outbox.cases()} == {first, other, newer, again}
+
+
+def test_two_processes_forwarding_one_study_at_once_queue_it_once(tmp_path, datasets, monkeypatch):
+    check = Outbox._refuse_if_queued
+    checked = threading.Event()
+
+    def slow_check(self, db, *args):  # the other forward's check comes while this one is between check and write
+        check(self, db, *args)
+        if db.in_transaction:
+            checked.set()
+            time.sleep(1.0)
+
+    monkeypatch.setattr(Outbox, "_refuse_if_queued", slow_check)
+    outcomes = []
+
+    def forward():
+        with Outbox(tmp_path) as outbox:  # its own connection, as another process has
+            try:
+                outcomes.append(outbox.add_case("https://a/dicom-web", True, datasets, summary="same"))
+            except AlreadyQueued as exc:
+                outcomes.append(exc)
+
+    threads = [threading.Thread(target=forward) for _ in range(2)]
+    threads[0].start()
+    assert checked.wait(10)
+    threads[1].start()
+    for t in threads:
+        t.join(30)
+    with Outbox(tmp_path) as outbox:
+        assert len(outbox.cases()) == 1
+    assert sum(isinstance(o, AlreadyQueued) for o in outcomes) == 1
 
 
 def test_retarget_sends_a_queued_case_to_the_new_address_from_scratch(tmp_path, datasets):
@@ -240,22 +272,35 @@ def test_retarget_sends_a_queued_case_to_the_new_address_from_scratch(tmp_path, 
         outbox.mark_sent(case_id, uids[:2])
         outbox.mark_confirmed(case_id, uids[:1])
         outbox.record_failure(case_id, "name does not resolve", retry_in_s=3600)
-        outbox.retarget(case_id, "https://right/dicom-web")
+        assert outbox.retarget(case_id, "https://right/dicom-web")
         case = outbox.case(case_id)
         assert case.destination == "https://right/dicom-web" and case.state == CaseState.QUEUED
         assert case.n_pending == case.n_items == len(uids), "the old address's acknowledgements do not count"
         assert case.attempts == 0 and case.last_error is None and case.next_attempt_at <= time.time()
         assert outbox.cases(destination="https://right/dicom-web", due_before=time.time())[0].case_id == case_id
-        waiting = outbox.add_case("https://third/dicom-web", True, datasets)
-        with pytest.raises(AlreadyQueued):  # the study already waits for that server
-            outbox.retarget(case_id, "https://third/dicom-web")
         with Outbox(tmp_path) as watcher, watcher.delivery_lock(), pytest.raises(OutboxBusy):
             outbox.retarget(case_id, "https://elsewhere/dicom-web")  # not while "outbox watch" delivers it
         assert outbox.case(case_id).destination == "https://right/dicom-web"
-        outbox.mark_confirmed(waiting, uids)
-        outbox.mark_delivered(waiting)
+        with pytest.raises(OutboxError, match="already meant for"):
+            outbox.retarget(case_id, "https://right/dicom-web")
+        delivered = outbox.add_case("https://third/dicom-web", True, datasets)
+        outbox.mark_confirmed(delivered, uids)
+        outbox.mark_delivered(delivered)
         with pytest.raises(OutboxError, match="already delivered"):
-            outbox.retarget(waiting, "https://right/dicom-web")
+            outbox.retarget(delivered, "https://right/dicom-web")
+
+
+def test_retarget_to_a_server_that_has_the_study_removes_the_case_instead(tmp_path, datasets):
+    with Outbox(tmp_path) as outbox:
+        mistyped = outbox.add_case("https://mistyped/dicom-web", True, datasets, summary="p=0.9")
+        forwarded_again = outbox.add_case("https://right/dicom-web", True, datasets, summary="p=0.9")
+        assert not outbox.retarget(mistyped, "https://right/dicom-web")  # it waits there already
+        assert [c.case_id for c in outbox.cases()] == [forwarded_again]
+        assert not outbox.case_dir(mistyped).exists()
+        outbox.mark_delivered(forwarded_again)
+        mistyped = outbox.add_case("https://mistyped/dicom-web", True, datasets, summary="p=0.9")
+        assert not outbox.retarget(mistyped, "https://right/dicom-web")  # it reached that server already
+        assert [c.case_id for c in outbox.cases()] == [forwarded_again]
 
 
 def test_a_case_with_patient_identity_moves_only_to_a_server_that_accepts_identities(tmp_path, datasets):
@@ -264,8 +309,8 @@ def test_a_case_with_patient_identity_moves_only_to_a_server_that_accepts_identi
         with pytest.raises(AppError, match="patient's identity"):
             retarget_case(identified, ServerSettings(url="https://new/dicom-web", deidentify=True), outbox)
         assert outbox.case(identified).destination == "https://old-trusted/dicom-web"
-        moved = retarget_case(identified, ServerSettings(url="https://new/dicom-web", deidentify=False), outbox)
-        assert moved.destination == "https://new/dicom-web"
+        assert retarget_case(identified, ServerSettings(url="https://new/dicom-web", deidentify=False), outbox)
+        assert outbox.case(identified).destination == "https://new/dicom-web"
 
 
 def test_outbox_retarget_cli_moves_the_cases_meant_for_other_servers(tmp_path, datasets, monkeypatch, capsys):
@@ -275,7 +320,8 @@ def test_outbox_retarget_cli_moves_the_cases_meant_for_other_servers(tmp_path, d
     monkeypatch.delenv("TELERAD_URL", raising=False)
     with open_outbox(tmp_path) as outbox:
         wrong = outbox.add_case("https://mistyped/dicom-web", True, datasets)
-        identified = outbox.add_case("https://other/dicom-web", False, datasets)
+        another_study = [(ItemKind.IMAGE, pydicom.dcmread(f)) for f in write_ct_series(tmp_path / "ct", 2).files]
+        identified = outbox.add_case("https://other/dicom-web", False, another_study)
     assert main(["outbox", "retarget", "--server", "https://right/dicom-web"]) == 2
     out, err = capsys.readouterr()
     assert f"case {wrong}: now goes to https://right/dicom-web" in out

@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
@@ -49,7 +51,7 @@ def phantom(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def app_env(monkeypatch, tmp_path, tiny_model) -> Path:
+def app_env(monkeypatch, tmp_path, tiny_model) -> Iterator[Path]:
     """The app on the tiny model with a fresh data folder; no server settings leak in from outside."""
     monkeypatch.setenv("MYELOMA_MODEL", str(tiny_model))
     data = tmp_path / "app-data"
@@ -60,7 +62,20 @@ def app_env(monkeypatch, tmp_path, tiny_model) -> Path:
     import app.ui.state
 
     app.ui.state._recent_jobs.clear()  # one process runs every test's sessions
-    return data
+    with serving_at("localhost"):  # as make run serves it
+        yield data
+
+
+@contextmanager
+def serving_at(address: str | None) -> Iterator[None]:
+    from streamlit import config
+
+    before = config.get_option("server.address")
+    config.set_option("server.address", address)
+    try:
+        yield
+    finally:
+        config.set_option("server.address", before)
 
 
 def start_app(secrets: dict[str, str] | None = None) -> AppTest:
@@ -582,28 +597,25 @@ def test_outbox_moves_cases_queued_for_a_mistyped_address_to_the_configured_serv
     assert not [w for w in at.warning if "not sent until you move them" in w.value]
 
 
-def test_after_a_browser_refresh_the_last_analyses_can_be_shown_again(uploads, app_env):
+def test_after_a_browser_refresh_the_last_analysis_can_be_shown_again(uploads, app_env):
     at = upload(start_app(), ("first.zip", uploads["positive"].read_bytes()))
     at = upload(at, ("second.zip", uploads["negative"].read_bytes()))
     job, label = at.session_state["analysis_job"], triage_shown(at)
     refreshed = start_app()  # a refresh is a new session with an empty session state
     assert_friendly(refreshed)
     listed = [m.value for m in refreshed.markdown if "first.zip" in m.value or "second.zip" in m.value]
-    assert len(listed) == 2 and "second.zip" in listed[0] and label in listed[0]  # newest first, with its call
+    assert len(listed) == 1 and "second.zip" in listed[0] and label in listed[0]  # the last one, with its call
     refreshed.button(key="recent_0").click().run()
     assert_friendly(refreshed)
     assert refreshed.session_state["analysis_job"] is job and triage_shown(refreshed) == label
+    refreshed = upload(refreshed, ("third.zip", uploads["negative"].read_bytes()))
+    assert not job.cancel_requested, "a job shown again may be another tab's: a new analysis does not cancel it"
 
 
-def test_recent_analyses_are_not_offered_when_the_app_is_served_on_a_network(uploads, app_env):
-    from streamlit import config
-
+@pytest.mark.parametrize("address", ["0.0.0.0", None])  # None: a plain streamlit run listens everywhere
+def test_recent_analyses_are_not_offered_when_the_app_is_served_on_a_network(address, uploads, app_env):
     upload(start_app(), ("first.zip", uploads["positive"].read_bytes()))
-    before = config.get_option("server.address")
-    config.set_option("server.address", "0.0.0.0")
-    try:
+    with serving_at(address):
         other_computer = start_app()
-    finally:
-        config.set_option("server.address", before)
     assert "first.zip" not in all_text(other_computer)
     assert "first.zip" in all_text(start_app())

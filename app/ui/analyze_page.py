@@ -28,6 +28,7 @@ from app.ui.viewer import WINDOWS, key_image, marks_on_slice, render_slice, thum
 from model_zoo.card import ModelCard
 
 JOB_KEY = "analysis_job"
+SHOWN_AGAIN_KEY = "analysis_job_shown_again"  # the session's job came from the recent list
 EXAMPLE_COUNT_KEY = "examples_started"
 POLL_S = 0.15
 FORWARD_POLL_S = 2.0
@@ -97,8 +98,8 @@ def _inputs(shared: SharedModel, busy: bool) -> AnalysisJob | None:
 def _replace_job(old: AnalysisJob | None, new: AnalysisJob) -> None:
     """The new job replaces the old one; the old one's files go when nothing uses them any more
     (a forward still queuing them keeps them alive)."""
-    if old is not None:
-        old.cancel()
+    if old is not None and not st.session_state.pop(SHOWN_AGAIN_KEY, False):
+        old.cancel()  # not a job shown again after a refresh: another tab may be following it
     for key in [k for k in st.session_state if str(k).startswith("forward_")]:
         if st.session_state[key].finished:
             del st.session_state[key]
@@ -110,27 +111,25 @@ def _replace_job(old: AnalysisJob | None, new: AnalysisJob) -> None:
 def _offer_recent() -> None:
     """After a browser refresh (a new session): the analyses this app ran lately, to show again."""
     recent = recent_jobs()
-    jobs = recent.jobs() if recent is not None else []
+    jobs = [j for j in recent.jobs() if j.outcome is None or j.outcome.studies] if recent is not None else []
     if not jobs:
         return
-    with st.expander(f"Recent analyses on this computer ({len(jobs)}), kept while the app runs",
+    with st.expander("Last analysis on this computer, kept while the app runs" if len(jobs) == 1 else
+                     f"Recent analyses on this computer ({len(jobs)}), kept while the app runs",
                      icon=":material/history:"):
         for number, job in enumerate(jobs):
             left, right = st.columns([4, 1], vertical_alignment="center")
             left.markdown(f"{time.strftime('%H:%M', time.localtime(job.started_at))} · {_plain(job.source)} · "
                           f"{_recent_state(job)}")
             if right.button("Show", key=f"recent_{number}"):
-                st.session_state[JOB_KEY] = job
+                st.session_state[JOB_KEY], st.session_state[SHOWN_AGAIN_KEY] = job, True
                 st.rerun()
 
 
 def _recent_state(job: AnalysisJob) -> str:
-    outcome = job.outcome
-    if outcome is None:
+    if job.outcome is None:
         return "still running"
-    if not outcome.studies:
-        return "nothing analysed" if not outcome.cancelled else "cancelled"
-    return "; ".join(result.triage_label for _, result in outcome.studies)
+    return "; ".join(result.triage_label for _, result in job.outcome.studies)
 
 
 # --- progress -------------------------------------------------------------------------------

@@ -227,15 +227,16 @@ class AnalysisJob:
 
 
 class RecentJobs:
-    """The last few analyses of this app process, newest first.
+    """The last analyses of this app process, newest first.
 
     A browser refresh starts a new Streamlit session with an empty ``session_state``: without
     this list the result on screen (or the analysis still running) would be out of reach, and
-    the work lost. A job dropped from the list keeps its files while a session or a forward
-    still uses it (they go with the last reference).
+    the work lost. One by default: a finished job holds its series' HU (157 MB for 300 slices)
+    and its upload on disk. A job dropped from the list keeps its files while a session or a
+    forward still uses it (they go with the last reference).
     """
 
-    def __init__(self, keep: int = 3) -> None:
+    def __init__(self, keep: int = 1) -> None:
         self._keep = keep
         self._jobs: list[AnalysisJob] = []
         self._lock = threading.Lock()

@@ -87,8 +87,11 @@ def _offer_retarget(outbox: Outbox) -> None:
         return
     for case in elsewhere:
         try:
-            retarget_case(case.case_id, settings, outbox)
-            st.success(f"Case {case.case_id} now goes to {settings.url}; send it with Retry now.")
+            if retarget_case(case.case_id, settings, outbox):
+                st.success(f"Case {case.case_id} now goes to {settings.url}; send it with Retry now.")
+            else:
+                st.success(f"Case {case.case_id} was removed: the study is already queued for or delivered to "
+                           f"{settings.url}.")
         except AppError as exc:
             st.error(f"Case {case.case_id} was not moved: {exc}")
 

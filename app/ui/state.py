@@ -76,9 +76,10 @@ def _recent_jobs() -> RecentJobs:
 
 
 def recent_jobs() -> RecentJobs | None:
-    """This app's last analyses, to reopen after a browser refresh; None when the app is served on
-    a network address, where another computer's user must not see this one's patients."""
-    return _recent_jobs() if str(st.get_option("server.address") or "localhost") in LOCAL_ADDRESSES else None
+    """This app's last analyses, to reopen after a browser refresh; None unless the app serves this
+    computer only (``make run``'s default): another computer's user must not see this one's
+    patients, and a plain ``streamlit run`` (no address) listens on every interface."""
+    return _recent_jobs() if str(st.get_option("server.address")) in LOCAL_ADDRESSES else None
 
 
 def current_model() -> SharedModel:
