@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "queued case when its automatic retry falls due (backoff from the settings' "
                         "outbox_backoff_s, doubling up to outbox_backoff_max_s), until none is left queued "
                         "(exit 0) or Ctrl-C (exit 130); retarget: send the queued cases meant for another server "
-                        "(or --case) to the configured one instead, e.g. after correcting a mistyped address; "
+                        "(or --case) to the configured one instead, e.g. after correcting a mistyped address "
+                        "(a case whose study that server already has is removed, not sent twice); "
                         "a case queued with patient identity moves only to a server that accepts identities "
                         "(exit 2 when a case could not be moved)")
     p.add_argument("--server", default=None, metavar="URL",
