@@ -367,14 +367,21 @@ def _flush(outbox: Outbox, args) -> int:
     left = outbox.cases(state=CaseState.QUEUED)
     elsewhere = [c for c in left if c.destination not in destinations]
     if elsewhere:
-        print(f"{len(elsewhere)} case(s) wait for other servers: "
-              f"{', '.join(sorted({c.destination for c in elsewhere}))}", file=sys.stderr)
+        _report_elsewhere(elsewhere)
     if not left:
         return EXIT_OK
     reason = next((r.stopped for r in reports if r.stopped), None) or next(
         (c.last_error for c in left if c.last_error), "not confirmed by the server")
     print(f"{len(left)} case(s) still queued; reason: {reason}", file=sys.stderr)
     return EXIT_QUEUED
+
+
+def _report_elsewhere(elsewhere: Sequence[CaseInfo]) -> None:
+    """Cases this command does not send because they were queued for another server."""
+    if elsewhere:
+        print(f"{len(elsewhere)} case(s) wait for other servers: "
+              f"{', '.join(sorted({c.destination for c in elsewhere}))}; 'python -m app.cli outbox retarget' "
+              "moves them to the configured server", file=sys.stderr)
 
 
 WATCH_MAX_SLEEP_S = 300.0  # look at the outbox at least this often: the UI may queue new cases meanwhile
@@ -393,7 +400,9 @@ def watch(outbox: Outbox, settings: ServerSettings, sleep: Callable[[float], Non
         destinations = _destinations(queued, settings)
         waiting = [c for c in queued if c.destination in destinations]
         if not waiting:
-            print("outbox: every case delivered")
+            elsewhere = [c for c in queued if c not in waiting]
+            print("outbox: every case delivered" if not elsewhere else f"outbox: nothing queued for {settings.url}")
+            _report_elsewhere(elsewhere)
             return EXIT_OK
         now, due = time.time(), min(c.next_attempt_at for c in waiting)
         if due <= now and not just_tried:

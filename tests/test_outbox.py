@@ -524,3 +524,14 @@ def test_stow_answer_bare_200_means_stored_and_failure_wins_over_reference():
     assert parse_stow_response(200, None, ["1"]).stored == {"1"}
     body = {"00081199": _sop_items("1"), "00081198": _sop_items("1", reason=0x0110)}
     assert parse_stow_response(409, body, ["1"]).stored == frozenset()
+
+
+def test_outbox_watch_does_not_claim_cases_for_other_servers_were_delivered(tmp_path, datasets, capsys):
+    from app.forward import watch
+
+    with Outbox(tmp_path) as outbox:
+        outbox.add_case("https://mistyped/dicom-web", True, datasets)
+        assert watch(outbox, ServerSettings(url="https://right/dicom-web"), sleep=lambda s: None) == 0
+    out, err = capsys.readouterr()
+    assert "every case delivered" not in out and "nothing queued for https://right/dicom-web" in out
+    assert "1 case(s) wait for other servers: https://mistyped/dicom-web" in err and "outbox retarget" in err
