@@ -400,7 +400,7 @@ def watch(outbox: Outbox, settings: ServerSettings, sleep: Callable[[float], Non
         destinations = _destinations(queued, settings)
         waiting = [c for c in queued if c.destination in destinations]
         if not waiting:
-            elsewhere = [c for c in queued if c not in waiting]
+            elsewhere = [c for c in queued if c.destination not in destinations]
             print("outbox: every case delivered" if not elsewhere else f"outbox: nothing queued for {settings.url}")
             _report_elsewhere(elsewhere)
             return EXIT_OK

@@ -273,8 +273,12 @@ class Outbox:
     def holds_study(self, destination: str, study_uid: str) -> bool:
         """Whether a case of ``study_uid`` is queued for, or was delivered to, ``destination``."""
         with self._lock:
-            return self._db.execute("SELECT 1 FROM cases WHERE destination = ? AND study_uid = ?",
-                                    (destination, study_uid)).fetchone() is not None
+            return self._holds_study(self._db, destination, study_uid)
+
+    @staticmethod
+    def _holds_study(db: sqlite3.Connection, destination: str, study_uid: str) -> bool:
+        return db.execute("SELECT 1 FROM cases WHERE destination = ? AND study_uid = ?",
+                          (destination, study_uid)).fetchone() is not None
 
     def case(self, case_id: str) -> CaseInfo:
         found = self.cases(case_ids=[case_id])
@@ -350,8 +354,7 @@ class Outbox:
                 raise OutboxError(f"case {case_id} was already delivered; forward the study again to send it elsewhere")
             if row["destination"] == destination:
                 raise OutboxError(f"case {case_id} is already meant for {destination}")
-            there = db.execute("SELECT 1 FROM cases WHERE destination = ? AND study_uid = ?",
-                               (destination, row["study_uid"])).fetchone()
+            there = self._holds_study(db, destination, row["study_uid"])
             if there:
                 db.execute("DELETE FROM cases WHERE case_id = ?", (case_id,))
             else:

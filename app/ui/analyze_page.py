@@ -274,6 +274,9 @@ def _forward_progress(task: ForwardTask) -> None:
 
 
 def _forward_outcome(task: ForwardTask, key: str) -> None:
+    if task.already_queued:
+        st.info(f"This study was already waiting in the outbox as case {task.case_id}; that case was sent "
+                "rather than a second copy.")
     if task.error and task.case_id:
         st.error(f"{task.error}. The case is kept in the outbox as case {task.case_id}: retry it from the Outbox "
                  "page rather than forwarding it again.")
@@ -282,12 +285,7 @@ def _forward_outcome(task: ForwardTask, key: str) -> None:
         if st.button("Try forwarding again", key="forward_again"):
             st.session_state.pop(key, None)
             st.rerun()
-    if task.already_queued:
-        st.info(f"This study was already waiting in the outbox as case {task.case_id}; that case was sent "
-                "rather than a second copy.")
-    if task.error:
-        return
-    if task.outcome.delivered:
+    elif task.outcome.delivered:
         st.success(f"Delivered (case {task.case_id}): the server confirmed all {task.outcome.expected} objects.")
     else:
         st.warning(f"Queued in the outbox as case {task.case_id} ({task.outcome.confirmed} of "
